@@ -1,0 +1,3 @@
+"""palsd: a power-aware control daemon for vLLM inference hosts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""Safety rules every decision passes through before any hardware sees it.
+
+Rules of this file: every limit is clamped into its GPU's NVML constraints; the sum of limits
+never exceeds the budget in force (if even the minimum limits exceed it the budget is
+infeasible and every GPU gets its minimum); writes are ordered so that limits go down before
+any goes up, so the applied sum stays within the budget at every step between two safe states.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from palsd.core.types import GpuObservation
+
+# Limits are kept in whole milliwatts (what NVML takes) and always rounded down.
+_MW = 1000.0
+
+
+def floor_mw(value_w: float) -> float:
+    return math.floor(value_w * _MW) / _MW
+
+
+def clamp_limit_w(value_w: float, gpu: GpuObservation) -> float:
+    return floor_mw(min(max(value_w, gpu.min_limit_w), gpu.max_limit_w))
+
+
+@dataclass(frozen=True)
+class Fitted:
+    limits_w: dict[int, float]
+    infeasible: bool
+    scaled: bool
+
+
+def fit_to_budget(
+    targets_w: Mapping[int, float],
+    gpus: Sequence[GpuObservation],
+    budget_w: float | None,
+) -> Fitted:
+    """Clamp each target into its constraints, then scale the part above the minimums down
+    until the sum fits the budget. GPUs missing from `targets_w` keep their current limit."""
+    clamped = {g.index: clamp_limit_w(targets_w.get(g.index, g.power_limit_w), g) for g in gpus}
+    if budget_w is None:
+        return Fitted(clamped, infeasible=False, scaled=False)
+    mins = {g.index: g.min_limit_w for g in gpus}
+    sum_min = sum(mins.values())
+    total = sum(clamped.values())
+    if sum_min > budget_w:
+        return Fitted({i: floor_mw(m) for i, m in mins.items()}, infeasible=True, scaled=True)
+    if total <= budget_w:
+        return Fitted(clamped, infeasible=False, scaled=False)
+    factor = (budget_w - sum_min) / (total - sum_min)
+    scaled = {i: floor_mw(mins[i] + (w - mins[i]) * factor) for i, w in clamped.items()}
+    return Fitted(scaled, infeasible=False, scaled=True)
+
+
+def order_writes(
+    current_w: Mapping[int, float],
+    target_w: Mapping[int, float],
+    tolerance_w: float = 0.5,
+) -> list[tuple[int, float]]:
+    """The writes that take `current_w` to `target_w`: every lowering first, then raises.
+    A limit within `tolerance_w` of its target is not written (idempotent setters)."""
+    lowers: list[tuple[int, float]] = []
+    raises: list[tuple[int, float]] = []
+    for index, target in sorted(target_w.items()):
+        now = current_w.get(index)
+        if now is not None and abs(now - target) <= tolerance_w:
+            continue
+        (lowers if now is None or target < now else raises).append((index, target))
+    return lowers + raises
+
+
+def limit_raise(
+    current_w: Mapping[int, float], target_w: Mapping[int, float], max_raise_w: float | None
+) -> dict[int, float]:
+    """Slew limit on raises only: lowering is never delayed (a budget must bite at once)."""
+    if max_raise_w is None:
+        return dict(target_w)
+    out: dict[int, float] = {}
+    for index, target in target_w.items():
+        now = current_w.get(index)
+        out[index] = target if now is None or target <= now else min(target, now + max_raise_w)
+    return out

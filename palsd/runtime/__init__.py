@@ -1,0 +1,1 @@
+"""Wiring: configuration, the daemon's tick loop, signals and service notification."""

@@ -1,0 +1,1 @@
+"""Adapters that read the world: GPUs, vLLM servers, budget sources."""
