@@ -1,0 +1,1 @@
+"""Command-line entry points: `palsd` (the daemon and its tools) and `palsctl` (the client)."""
