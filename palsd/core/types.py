@@ -94,6 +94,8 @@ class BudgetInForce:
     source: BudgetSource
     expires_at: float | None = None
     reason: str = ""
+    origin: str = ""
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
