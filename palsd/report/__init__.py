@@ -1,0 +1,1 @@
+"""Reporting adapters: Prometheus exporter, status model, structured logs."""
