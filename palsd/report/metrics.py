@@ -42,14 +42,13 @@ class Metrics:
         self.power_sum_w = Gauge(
             "palsd_power_sum_watts", "sum of the controlled GPUs' averaged power", registry=r
         )
-        self.budget_w = Gauge(
-            "palsd_budget_watts", "host budget in force (NaN: none)", registry=r
-        )
+        self.budget_w = Gauge("palsd_budget_watts", "host budget in force (NaN: none)", registry=r)
         self.budget_source = Gauge(
             "palsd_budget_source", "1 for the source of the budget in force", ["source"], registry=r
         )
         self.budget_infeasible = Gauge(
-            "palsd_budget_infeasible", "1 when the budget is below the sum of minimum limits",
+            "palsd_budget_infeasible",
+            "1 when the budget is below the sum of minimum limits",
             registry=r,
         )
         self.fallback_active = Gauge(
@@ -59,7 +58,8 @@ class Metrics:
             "palsd_decisions_total", "control decisions by mode", ["mode"], registry=r
         )
         self.limit_writes = Counter(
-            "palsd_power_limit_writes_total", "power-limit writes (or would-be writes in dry run)",
+            "palsd_power_limit_writes_total",
+            "power-limit writes (or would-be writes in dry run)",
             registry=r,
         )
         self.actuation_errors = Counter(
@@ -104,7 +104,8 @@ class Metrics:
             "palsd_server_slo_met", "1 when the windowed quantiles meet every SLO", s, registry=r
         )
         self.tokens_per_joule = Gauge(
-            "palsd_tokens_per_joule", "host generation tokens per joule over the window",
+            "palsd_tokens_per_joule",
+            "host generation tokens per joule over the window",
             registry=r,
         )
         self.api_requests = Counter(

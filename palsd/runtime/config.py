@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/palsd/palsd.yaml")
 
@@ -48,10 +55,17 @@ class BudgetConfig(_Section):
 
 class SloConfig(_Section):
     ttft_s: float | None = Field(None, gt=0)
-    ttft_quantile: Literal[0.5, 0.9, 0.99] = 0.9
+    ttft_quantile: float = 0.9
     itl_s: float | None = Field(None, gt=0)
-    itl_quantile: Literal[0.5, 0.9, 0.99] = 0.9
+    itl_quantile: float = 0.9
     min_generation_tokens_per_s: float | None = Field(None, ge=0)
+
+    @field_validator("ttft_quantile", "itl_quantile")
+    @classmethod
+    def _known_quantile(cls, value: float) -> float:
+        if value not in (0.5, 0.9, 0.99):
+            raise ValueError("allowed quantiles are 0.5, 0.9 and 0.99")
+        return value
 
 
 class ServerConfig(_Section):

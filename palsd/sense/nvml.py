@@ -133,9 +133,7 @@ class NvmlBackend:
         instant = self._optional(lambda: self._instant_mw(handle))
         energy = self._optional(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
         enforced = self._optional(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
-        clock = self._optional(
-            lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-        )
+        clock = self._optional(lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
         return GpuObservation(
             index=index,
             name=name,

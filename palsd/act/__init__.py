@@ -1,0 +1,1 @@
+"""Adapters that change the world: power limits (through a GPU backend) and batch limits."""

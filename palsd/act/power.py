@@ -1,0 +1,127 @@
+"""The one choke point for every power-limit write: clamp, record ownership, write, count, log.
+
+Blocking (backends block); the daemon calls it from a worker thread. In dry run it logs the
+limits it would set and calls no setter at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from palsd.act.originals import Originals, OriginalsStore
+from palsd.core.safety import clamp_limit_w
+from palsd.core.types import GpuObservation
+from palsd.errors import GpuError
+from palsd.report.metrics import Metrics
+from palsd.sense.gpu import GpuBackend
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    applied: dict[int, float]
+    failed: dict[int, str]
+
+
+class PowerActuator:
+    def __init__(
+        self,
+        backend: GpuBackend,
+        store: OriginalsStore,
+        metrics: Metrics,
+        log: Any,
+        dry_run: bool,
+    ) -> None:
+        self._backend = backend
+        self._store = store
+        self._metrics = metrics
+        self._log = log
+        self.dry_run = dry_run
+        self.originals = Originals()
+        self._gpus: dict[int, GpuObservation] = {}
+
+    def adopt(self, originals: Originals) -> None:
+        """Keep an existing record (e.g. servers' batch limits recorded by another path)."""
+        self.originals = originals
+
+    def know(self, gpus: Sequence[GpuObservation]) -> None:
+        """Remember constraints (for clamping) and record originals of GPUs not yet recorded."""
+        for g in gpus:
+            self._gpus[g.index] = g
+
+    def _record(self, index: int) -> None:
+        if index in self.originals.gpus or self.dry_run:
+            return
+        g = self._gpus[index]
+        self.originals.gpus[index] = {"uuid": g.uuid, "limit_w": g.power_limit_w}
+        self._store.save(self.originals)
+
+    def apply(self, writes: Sequence[tuple[int, float]]) -> WriteResult:
+        """Write in the order given (the caller orders lowers first). A failed write is
+        counted and logged; the rest still go out, since each lowering keeps the host safe."""
+        applied: dict[int, float] = {}
+        failed: dict[int, str] = {}
+        for index, target_w in writes:
+            gpu = self._gpus.get(index)
+            if gpu is None:
+                failed[index] = "unknown GPU"
+                continue
+            watts = clamp_limit_w(target_w, gpu)
+            self._metrics.limit_writes.inc()
+            if self.dry_run:
+                self._log.info("would_set_power_limit", gpu=index, limit_w=watts, dry_run=True)
+                applied[index] = watts
+                continue
+            try:
+                self._record(index)
+                self._backend.set_power_limit_w(index, watts)
+            except GpuError as err:
+                self._metrics.actuation_errors.labels("power", type(err).__name__).inc()
+                self._log.error(
+                    "power_limit_write_failed", gpu=index, limit_w=watts, error=str(err)
+                )
+                failed[index] = str(err)
+                continue
+            applied[index] = watts
+        return WriteResult(applied, failed)
+
+    def restore(self) -> WriteResult:
+        """Put back every GPU limit palsd changed, lowest-risk order (lowers first), then drop
+        the record if all went back."""
+        if self.dry_run:
+            return WriteResult({}, {})
+        targets = {i: float(e["limit_w"]) for i, e in self.originals.gpus.items()}
+        result = restore_gpus(self._backend, targets, self._log)
+        for index in result.applied:
+            self.originals.gpus.pop(index, None)
+        if self.originals.empty():
+            self._store.clear()
+        else:
+            self._store.save(self.originals)
+        return result
+
+
+def restore_gpus(backend: GpuBackend, targets_w: dict[int, float], log: Any) -> WriteResult:
+    """Write recorded limits back. Used at exit, by `palsd restore` and at start-up."""
+    applied: dict[int, float] = {}
+    failed: dict[int, str] = {}
+    try:
+        current = {g.index: g.power_limit_w for g in backend.read_all()}
+    except GpuError:
+        current = {}
+    # Lower first: restoring a mix of raised and lowered limits never overshoots in between.
+    order = sorted(targets_w.items(), key=lambda kv: kv[1] - current.get(kv[0], kv[1]))
+    for index, watts in order:
+        if abs(current.get(index, float("nan")) - watts) <= 0.5:
+            applied[index] = watts
+            continue
+        try:
+            backend.set_power_limit_w(index, watts)
+        except GpuError as err:
+            log.error("power_limit_restore_failed", gpu=index, limit_w=watts, error=str(err))
+            failed[index] = str(err)
+            continue
+        log.info("power_limit_restored", gpu=index, limit_w=watts)
+        applied[index] = watts
+    return WriteResult(applied, failed)

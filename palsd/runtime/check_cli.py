@@ -1,0 +1,30 @@
+"""`palsd check-config FILE`: print every problem with its key, value and rule; exit 2 if any."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from palsd.runtime.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", nargs="?", type=Path, default=DEFAULT_CONFIG_PATH)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as err:
+        print(f"{err.source}: {len(err.problems)} problem(s)", file=sys.stderr)
+        for line in err.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    gpus = "all" if cfg.gpu.indices is None else cfg.gpu.indices
+    print(
+        f"{args.file}: OK (backend {cfg.gpu.backend}, GPUs {gpus}, "
+        f"{len(cfg.servers)} server(s), dry_run {cfg.control.dry_run}, "
+        f"controller {cfg.control.controller})"
+    )
+    return 0

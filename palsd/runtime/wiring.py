@@ -1,0 +1,76 @@
+"""Build the daemon's parts from a validated config. The only place adapters meet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from palsd.core.types import Controller, Slo
+from palsd.runtime.config import PalsdConfig, ServerConfig
+from palsd.sense.gpu import GpuBackend
+
+
+def make_backend(cfg: PalsdConfig) -> GpuBackend:
+    if cfg.gpu.backend == "sim":
+        from palsd.sense.simhost import SimHostBackend
+
+        assert cfg.gpu.sim_url is not None  # the schema guarantees it
+        return SimHostBackend(cfg.gpu.sim_url, cfg.gpu.indices, cfg.gpu.timeout_s)
+    from palsd.sense.nvml import NvmlBackend
+
+    return NvmlBackend(cfg.gpu.indices)
+
+
+def make_controller(cfg: PalsdConfig) -> Controller:
+    if cfg.control.controller == "joint":
+        from palsd.core.controller import JointController
+
+        return JointController()
+    from palsd.core.demand_split import DemandSplitController, DemandSplitParams
+
+    return DemandSplitController(
+        DemandSplitParams(max_raise_w_per_tick=cfg.control.max_raise_w_per_tick)
+    )
+
+
+def slo_of(server: ServerConfig) -> Slo:
+    s = server.slo
+    return Slo(
+        ttft_s=s.ttft_s,
+        ttft_quantile=s.ttft_quantile,
+        itl_s=s.itl_s,
+        itl_quantile=s.itl_quantile,
+        min_generation_tokens_per_s=s.min_generation_tokens_per_s,
+    )
+
+
+def read_secret(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    return path.read_text().strip()
+
+
+def make_server_links(cfg: PalsdConfig, client: httpx.AsyncClient) -> list[Any]:
+    from palsd.act.batch import BatchLimitClient
+    from palsd.runtime.daemon import ServerLink
+    from palsd.sense.vllm import VllmScraper
+
+    links = []
+    for s in cfg.servers:
+        links.append(
+            ServerLink(
+                name=s.name,
+                url=s.url,
+                gpu_indices=tuple(s.gpus),
+                slo=slo_of(s),
+                signals=VllmScraper(s.url, client, cfg.scrape.window_s, cfg.scrape.timeout_s),
+                batch=BatchLimitClient(
+                    s.url, client, read_secret(s.admin_token_file), cfg.scrape.timeout_s
+                ),
+                min_batch_limit=s.min_batch_limit,
+                max_batch_limit=s.max_batch_limit,
+            )
+        )
+    return links
