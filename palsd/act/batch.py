@@ -1,0 +1,176 @@
+"""The batch-limit actuator: HTTP client of the admin endpoint palsd's vLLM plugin adds
+(and the simulated host serves), GET/PUT /pals/v1/batch-limit.
+
+Contract: GET answers {"max_num_seqs", "limit", "running", "waiting"}; PUT {"limit": N} with
+1 <= N <= max_num_seqs answers the same object, anything else a 4xx with {"error": reason}.
+An optional bearer token guards both. Every call is bounded in time (timeout x attempts plus
+backoff), so a dead server cannot stall the control loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from palsd.errors import PalsdError
+
+BATCH_LIMIT_PATH = "/pals/v1/batch-limit"
+
+
+class BatchLimitError(PalsdError):
+    """A batch-limit call failed; `reason` is a short label for metrics and logs."""
+
+    reason = "error"
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url
+        super().__init__(f"batch limit at {url}: {message}")
+
+
+class BatchLimitRejected(BatchLimitError):
+    """The server refused the value (4xx); retrying the same value will not help."""
+
+    reason = "rejected"
+
+
+class BatchLimitUnauthorized(BatchLimitError):
+    """401/403: the bearer token is missing or does not match the plugin's."""
+
+    reason = "unauthorized"
+
+
+class BatchLimitUnavailable(BatchLimitError):
+    """Unreachable, timed out, endpoint absent (plugin not loaded) or a malformed answer."""
+
+    reason = "unavailable"
+
+
+@dataclass(frozen=True)
+class BatchLimitState:
+    max_num_seqs: int
+    limit: int
+    running: int
+    waiting: int
+
+
+def _int_field(body: dict[str, Any], name: str) -> int:
+    v = body.get(name)
+    if isinstance(v, bool) or not isinstance(v, int | float) or v != int(v):
+        raise ValueError(f"field {name!r} is {v!r}, not an integer")
+    return int(v)
+
+
+def parse_state(body: Any) -> BatchLimitState:
+    """The endpoint's JSON object -> BatchLimitState; ValueError names what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError(f"expected a JSON object, got {type(body).__name__}")
+    return BatchLimitState(
+        max_num_seqs=_int_field(body, "max_num_seqs"),
+        limit=_int_field(body, "limit"),
+        running=_int_field(body, "running"),
+        waiting=_int_field(body, "waiting"),
+    )
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])
+    except ValueError:
+        pass
+    return resp.text[:200] or resp.reason_phrase
+
+
+class BatchLimitClient:
+    """One server's batch-limit endpoint. `url` is the server's base URL."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        token: str | None = None,
+        timeout_s: float = 1.0,
+        attempts: int = 3,
+        backoff_s: float = 0.1,
+    ) -> None:
+        self.url = url.rstrip("/") + BATCH_LIMIT_PATH
+        self._client = client
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout_s = timeout_s
+        self._attempts = max(1, attempts)
+        self._backoff_s = backoff_s
+        self.last_error: BatchLimitError | None = None
+
+    async def get(self) -> BatchLimitState | None:
+        """The current state, or None (the reason in `last_error`). One attempt: the next
+        tick asks again, so retrying here would only delay the loop."""
+        try:
+            state = await self._call("GET", None, attempts=1)
+        except BatchLimitError as e:
+            self.last_error = e
+            return None
+        self.last_error = None
+        return state
+
+    async def set(self, limit: int) -> BatchLimitState:
+        """Set the live admission limit; answers the state after the change.
+
+        Retries transport errors and 5xx with exponential backoff, `attempts` times in all;
+        a 4xx is final. Raises a BatchLimitError subclass naming the problem.
+        """
+        try:
+            state = await self._call("PUT", {"limit": limit}, attempts=self._attempts)
+        except BatchLimitError as e:
+            self.last_error = e
+            raise
+        self.last_error = None
+        return state
+
+    async def _call(
+        self, method: str, body: dict[str, int] | None, attempts: int
+    ) -> BatchLimitState:
+        last: BatchLimitError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+            try:
+                resp = await self._client.request(
+                    method, self.url, json=body, headers=self._headers, timeout=self._timeout_s
+                )
+            except httpx.TimeoutException:
+                last = BatchLimitUnavailable(self.url, f"timed out after {self._timeout_s:g} s")
+                continue
+            except httpx.HTTPError as e:
+                last = BatchLimitUnavailable(self.url, f"unreachable ({type(e).__name__}: {e})")
+                continue
+            if resp.status_code >= 500:
+                last = BatchLimitUnavailable(
+                    self.url, f"HTTP {resp.status_code}: {_error_text(resp)}"
+                )
+                continue
+            return self._answer(resp)
+        assert last is not None
+        raise last
+
+    def _answer(self, resp: httpx.Response) -> BatchLimitState:
+        code = resp.status_code
+        if code in (401, 403):
+            raise BatchLimitUnauthorized(
+                self.url, f"HTTP {code}: {_error_text(resp)} (check the token on both sides)"
+            )
+        if code in (404, 405):
+            raise BatchLimitUnavailable(
+                self.url,
+                f"HTTP {code}: no batch-limit endpoint (is palsd installed in vLLM's "
+                "environment and named in VLLM_PLUGINS?)",
+            )
+        if code >= 400:
+            raise BatchLimitRejected(self.url, f"HTTP {code}: {_error_text(resp)}")
+        try:
+            return parse_state(resp.json())
+        except ValueError as e:
+            raise BatchLimitUnavailable(self.url, f"malformed answer: {e}") from e

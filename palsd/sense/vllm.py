@@ -1,0 +1,76 @@
+"""Scraping one vLLM server's /metrics over HTTP into windowed signals; never raises.
+
+The imperative shell around vllm_metrics (parse) and signals (window): one VllmScraper per
+configured server, polled by the daemon each tick with the tick's time.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from palsd.core.types import ServerSignals
+from palsd.errors import BadInput
+from palsd.sense.signals import DEFAULT_WINDOW_S, SignalWindow, WindowReport
+from palsd.sense.vllm_metrics import parse_metrics
+
+
+def metrics_url(url: str) -> str:
+    """A server's base URL or its /metrics URL -> the /metrics URL."""
+    url = url.rstrip("/")
+    return url if url.endswith("/metrics") else url + "/metrics"
+
+
+class VllmScraper:
+    """Scrapes one server; `poll` answers its signals or None when they are stale.
+
+    On None, `stale_reason` says why (for logs, status and the controller) and `failures`
+    counts every failed scrape since start; `consecutive_failures` resets on success.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        window_s: float = DEFAULT_WINDOW_S,
+        timeout_s: float = 1.0,
+    ) -> None:
+        self.url = metrics_url(url)
+        self._client = client
+        self._timeout_s = timeout_s
+        self._window = SignalWindow(window_s)
+        self.stale_reason: str | None = "not scraped yet"
+        self.failures = 0
+        self.consecutive_failures = 0
+        self.last_report: WindowReport | None = None
+
+    async def poll(self, now_s: float) -> ServerSignals | None:
+        """Scrape once, add it to the window taken at `now_s`, answer the server's signals."""
+        reason = await self._scrape(now_s)
+        if reason is not None:
+            self.failures += 1
+            self.consecutive_failures += 1
+            self.stale_reason = reason
+            return None
+        self.consecutive_failures = 0
+        self.stale_reason = None
+        self.last_report = self._window.report()
+        return None if self.last_report is None else self.last_report.server
+
+    async def _scrape(self, now_s: float) -> str | None:
+        """None on success, else the reason the scrape failed."""
+        try:
+            resp = await self._client.get(self.url, timeout=self._timeout_s)
+        except httpx.TimeoutException:
+            return f"timeout after {self._timeout_s:g} s scraping {self.url}"
+        except httpx.HTTPError as e:
+            return f"cannot reach {self.url}: {type(e).__name__}: {e}"
+        if resp.status_code != 200:
+            return f"{self.url} answered HTTP {resp.status_code}"
+        try:
+            engines = parse_metrics(resp.text)
+        except BadInput as e:
+            return f"{self.url}: {e}"
+        except Exception as e:  # a parser bug must not take the daemon down with it
+            return f"{self.url}: cannot parse metrics: {type(e).__name__}: {e}"
+        self._window = self._window.push(now_s, engines)
+        return None

@@ -1,0 +1,232 @@
+"""Parsing one vLLM /metrics page into per-engine samples: names, labels, old names, histograms.
+
+Pure: text in, frozen values out. Knows which vLLM metric names palsd reads (current and the
+older ones still in the field) and nothing about time windows (see signals.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from palsd.errors import BadInput
+
+# (model_name, engine). Servers before the V1 engine have no `engine` label: they read as "0".
+EngineKey = tuple[str, str]
+
+# Gauges: the current name first, then older names with the same meaning.
+_GAUGES: Mapping[str, tuple[str, ...]] = {
+    "running": ("vllm:num_requests_running",),
+    "waiting": ("vllm:num_requests_waiting",),
+    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+}
+
+# Counters, summed over any extra labels (e.g. finished_reason).
+_COUNTERS: Mapping[str, tuple[str, ...]] = {
+    "prompt_tokens": ("vllm:prompt_tokens",),
+    "generation_tokens": ("vllm:generation_tokens",),
+    "preemptions": ("vllm:num_preemptions",),
+    "requests_finished": ("vllm:request_success",),
+}
+
+_HISTOGRAMS: Mapping[str, tuple[str, ...]] = {
+    "ttft": ("vllm:time_to_first_token_seconds",),
+    "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+    "e2e": ("vllm:e2e_request_latency_seconds",),
+}
+
+
+def _index(table: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, int]]:
+    """Metric name -> (field, preference); 0 is the current name, higher numbers are older."""
+    return {name: (fld, rank) for fld, names in table.items() for rank, name in enumerate(names)}
+
+
+_GAUGE_NAMES = _index(_GAUGES)
+_COUNTER_NAMES = _index(_COUNTERS)
+_HIST_NAMES = _index(_HISTOGRAMS)
+
+
+class MetricsFormatError(BadInput):
+    """The page is not Prometheus text, or holds no vLLM series at all."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_metrics", message)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Cumulative buckets as scraped: (upper bound from `le`, cumulative count), ascending,
+    the last bound +inf. `count` and `sum_s` come from `_count` and `_sum`."""
+
+    buckets: tuple[tuple[float, float], ...]
+    count: float
+    sum_s: float
+
+    @property
+    def bounds(self) -> tuple[float, ...]:
+        return tuple(le for le, _ in self.buckets)
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    """One engine's raw values on one page. None: the family is absent on this server."""
+
+    model_name: str
+    engine: str
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage: float | None = None
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    preemptions: float | None = None
+    requests_finished: float | None = None
+    ttft: Histogram | None = None
+    itl: Histogram | None = None
+    e2e: Histogram | None = None
+
+    @property
+    def key(self) -> EngineKey:
+        return (self.model_name, self.engine)
+
+
+@dataclass
+class _HistAcc:
+    rank: int
+    buckets: dict[float, float] = field(default_factory=dict)
+    count: float = 0.0
+    sum_s: float = 0.0
+
+
+@dataclass
+class _Acc:
+    """Mutable accumulator for one engine while a page is read; frozen into EngineSample."""
+
+    gauges: dict[str, tuple[int, float]] = field(default_factory=dict)
+    counters: dict[str, tuple[int, float]] = field(default_factory=dict)
+    hists: dict[str, _HistAcc] = field(default_factory=dict)
+
+
+def _strip(name: str, suffix: str) -> str | None:
+    return name[: -len(suffix)] if name.endswith(suffix) else None
+
+
+def _add_rank(table: dict[str, tuple[int, float]], fld: str, rank: int, value: float) -> None:
+    """Sum series of the same name; a current name displaces an older one (a page that has
+    both, during a deprecation cycle, must not be counted twice)."""
+    old = table.get(fld)
+    if old is None or rank < old[0]:
+        table[fld] = (rank, value)
+    elif rank == old[0]:
+        table[fld] = (rank, old[1] + value)
+
+
+def _hist_acc(acc: _Acc, fld: str, rank: int) -> _HistAcc | None:
+    """The accumulator for this name, or None if a current name already displaced it."""
+    old = acc.hists.get(fld)
+    if old is None or rank < old.rank:
+        acc.hists[fld] = _HistAcc(rank)
+    elif rank > old.rank:
+        return None
+    return acc.hists[fld]
+
+
+def _add_sample(acc: _Acc, name: str, labels: Mapping[str, str], value: float) -> None:
+    if name in _GAUGE_NAMES:
+        fld, rank = _GAUGE_NAMES[name]
+        _add_rank(acc.gauges, fld, rank, value)
+        return
+    base = _strip(name, "_total")
+    if base is not None and base in _COUNTER_NAMES:
+        fld, rank = _COUNTER_NAMES[base]
+        _add_rank(acc.counters, fld, rank, value)
+        return
+    for suffix in ("_bucket", "_count", "_sum"):
+        base = _strip(name, suffix)
+        if base is None or base not in _HIST_NAMES:
+            continue
+        hist = _hist_acc(acc, *_HIST_NAMES[base])
+        if hist is None:
+            return
+        if suffix == "_bucket":
+            le = _parse_le(labels.get("le"), name)
+            hist.buckets[le] = hist.buckets.get(le, 0.0) + value
+        elif suffix == "_count":
+            hist.count += value
+        else:
+            hist.sum_s += value
+        return
+
+
+def _parse_le(raw: str | None, name: str) -> float:
+    if raw is None:
+        raise MetricsFormatError(f"{name} has a series without an `le` label")
+    try:
+        return float(raw)  # "+Inf" parses to inf
+    except ValueError as e:
+        raise MetricsFormatError(f"{name} has a bad `le` label {raw!r}") from e
+
+
+def _freeze_hist(buckets: dict[float, float], count: float, sum_s: float) -> Histogram | None:
+    if not buckets:
+        return None
+    ordered = sorted(buckets.items())
+    if not math.isinf(ordered[-1][0]):
+        # A page cut short: close it with +inf at the known count so quantiles stay bounded.
+        ordered.append((math.inf, max(count, ordered[-1][1])))
+    return Histogram(buckets=tuple(ordered), count=count, sum_s=sum_s)
+
+
+def _freeze(key: EngineKey, acc: _Acc) -> EngineSample:
+    hists = {fld: _freeze_hist(h.buckets, h.count, h.sum_s) for fld, h in acc.hists.items()}
+    return EngineSample(
+        model_name=key[0],
+        engine=key[1],
+        running=_value(acc.gauges, "running"),
+        waiting=_value(acc.gauges, "waiting"),
+        kv_cache_usage=_value(acc.gauges, "kv_cache_usage"),
+        prompt_tokens=_value(acc.counters, "prompt_tokens"),
+        generation_tokens=_value(acc.counters, "generation_tokens"),
+        preemptions=_value(acc.counters, "preemptions"),
+        requests_finished=_value(acc.counters, "requests_finished"),
+        ttft=hists.get("ttft"),
+        itl=hists.get("itl"),
+        e2e=hists.get("e2e"),
+    )
+
+
+def _value(table: Mapping[str, tuple[int, float]], fld: str) -> float | None:
+    got = table.get(fld)
+    return None if got is None else got[1]
+
+
+def _samples(text: str) -> Iterable[tuple[str, Mapping[str, str], float]]:
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                yield s.name, s.labels, float(s.value)
+    except ValueError as e:
+        raise MetricsFormatError(f"not Prometheus text format: {e}") from e
+
+
+def parse_metrics(text: str) -> dict[EngineKey, EngineSample]:
+    """Every (model_name, engine) on the page with the values palsd reads.
+
+    Raises MetricsFormatError if the text does not parse or has no vLLM series: an endpoint
+    that answers but is not vLLM (a wrong port) must not read as an idle server.
+    """
+    accs: dict[EngineKey, _Acc] = {}
+    saw_vllm = False
+    for name, labels, value in _samples(text):
+        if not name.startswith("vllm:"):
+            continue
+        saw_vllm = True
+        if "model_name" not in labels:
+            continue  # e.g. per-reason series without an engine; not per-engine signals
+        key = (labels["model_name"], labels.get("engine", "0"))
+        _add_sample(accs.setdefault(key, _Acc()), name, labels, value)
+    if not saw_vllm:
+        raise MetricsFormatError("no vllm:* series on the page (is this a vLLM /metrics URL?)")
+    return {key: _freeze(key, acc) for key, acc in sorted(accs.items())}
