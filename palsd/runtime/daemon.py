@@ -232,8 +232,11 @@ class Daemon:
         signals = await link.signals.poll(now)
         if signals is None:
             self.metrics.sense_errors.labels(f"server:{link.name}").inc()
-        if link.batch_limit is None or link.max_num_seqs is None:
-            await self._refresh_batch(link)
+        if (link.batch_limit is None or link.max_num_seqs is None) and (
+            link.batch_task is None or link.batch_task.done()
+        ):
+            # In the background: a hung endpoint must not stretch the tick.
+            link.batch_task = asyncio.create_task(self._refresh_batch(link))
         return ServerObservation(
             name=link.name,
             url=link.url,

@@ -131,6 +131,8 @@ async def test_stale_server_is_reported_not_fatal(tmp_path):
     host = MemoryHost(2)
     daemon = make_daemon(tmp_path, host)
     await daemon.tick()
+    await asyncio.sleep(0.01)  # the batch-limit read runs beside the tick
+    await daemon.tick()
     server = daemon.status()["servers"][0]
     assert server["up"] is False and server["stale_reason"] == "not reachable"
     assert server["batch_limit"] == 256
