@@ -1,0 +1,97 @@
+"""Crash safety end to end: palsd is SIGKILLed with lowered limits on a real `palsd sim-host`,
+and every limit comes back, by `palsd restore` (systemd's ExecStopPost) or by the next start."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.procs import PALSD, gpu_limits, palsd, palsd_config, sim_host, wait_until
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("palsd.sim.host_cli") is None,
+    reason="`palsd sim-host` (palsd/sim/host_cli.py) is not in this checkout yet",
+)
+BATCH_PATH = "/pals/v1/batch-limit"
+
+
+def batch_limits(sim: dict[str, Any]) -> dict[str, int]:
+    return {
+        s["name"]: httpx.get(s["url"] + BATCH_PATH, timeout=5).json()["limit"]
+        for s in sim["servers"]
+    }
+
+
+def _kill_with_limits_lowered(tmp: Path, sim: dict[str, Any], budget_w: float) -> Path:
+    """Run palsd under budget_w until it has lowered the limits, SIGKILL it; its config path."""
+    cfg = palsd_config(sim, tmp, budget={"default_w": budget_w}, control={"controller": "joint"})
+    with palsd(tmp, cfg) as d:
+        wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 10, "limits under budget")
+        record = Path(cfg["state"]["dir"]) / "originals.json"
+        assert record.exists(), "the originals record must exist before limits change"
+        assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+        return d.config
+
+
+def test_restore_after_sigkill_puts_every_original_limit_back(tmp_path):
+    with sim_host(tmp_path, gpus=4, servers=2) as sim:
+        gpus_before, batch_before = gpu_limits(sim), batch_limits(sim)
+        budget_w = 0.6 * sum(gpus_before.values())
+        config = _kill_with_limits_lowered(tmp_path, sim, budget_w)
+
+        # Nothing restored them: a killed process runs no clean-up of its own.
+        left = gpu_limits(sim)
+        assert sum(left.values()) <= budget_w and left != gpus_before
+        record = json.loads((tmp_path / "state" / "originals.json").read_text())
+        assert {int(i): e["limit_w"] for i, e in record["gpus"].items()} == gpus_before
+
+        proc = subprocess.run(
+            [*PALSD, "restore", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert gpu_limits(sim) == gpus_before
+        assert batch_limits(sim) == batch_before
+        assert not (tmp_path / "state" / "originals.json").exists()
+
+        # A second restore (systemd runs ExecStopPost after every stop) finds nothing to do.
+        again = subprocess.run(
+            [*PALSD, "restore", "--config", str(config)], capture_output=True, text=True, timeout=60
+        )
+        assert again.returncode == 0, again.stderr
+        assert gpu_limits(sim) == gpus_before
+
+
+def test_restart_after_sigkill_reconciles_and_keeps_the_true_originals(tmp_path):
+    with sim_host(tmp_path, gpus=4, servers=2) as sim:
+        gpus_before, batch_before = gpu_limits(sim), batch_limits(sim)
+        budget_w = 0.6 * sum(gpus_before.values())
+        first = tmp_path / "first"
+        first.mkdir()
+        second = tmp_path / "second"
+        second.mkdir()
+        state = {"dir": str(tmp_path / "state")}
+        cfg = palsd_config(sim, first, budget={"default_w": budget_w}, state=state)
+        with palsd(first, cfg) as d:
+            wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 10, "limits lowered")
+            assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert gpu_limits(sim) != gpus_before
+
+        # The next run starts from the lowered limits: it must put back the originals recorded
+        # by the killed run, not adopt the lowered values as "original".
+        cfg2 = palsd_config(sim, second, budget={"default_w": budget_w}, state=state)
+        with palsd(second, cfg2) as d2:
+            events = d2.events("reconciled_previous_run")
+            assert events, d2.log_path.read_text()[-2000:]
+            assert events[0]["restored_gpus"] == sorted(gpus_before)
+            wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 10, "limits lowered")
+            assert d2.stop(signal.SIGTERM) == 0
+        assert gpu_limits(sim) == gpus_before
+        assert batch_limits(sim) == batch_before
+        assert not (tmp_path / "state" / "originals.json").exists()
