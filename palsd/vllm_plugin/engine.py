@@ -1,0 +1,69 @@
+"""Engine-side half of the plugin: EngineCore methods that read and set the scheduler's live
+admission limit. Runs inside vLLM's engine-core process; imports vLLM lazily."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from palsd.vllm_plugin.contract import GET_METHOD, SET_METHOD
+
+log = logging.getLogger("palsd.vllm_plugin")
+
+# Scheduler attributes the limit needs (vLLM >= 0.32, V1 engine).
+REQUIRED = ("max_num_running_reqs", "max_num_active_reqs", "running", "waiting")
+
+
+def _scheduler(core: Any) -> Any:
+    sched = getattr(core, "scheduler", None)
+    missing = [a for a in REQUIRED if not hasattr(sched, a)]
+    if missing:
+        raise RuntimeError(
+            f"this vLLM's scheduler lacks {missing}: palsd's batch limit needs vLLM >= 0.32 "
+            "(V1 engine, Scheduler.max_num_active_reqs)"
+        )
+    return sched
+
+
+def _state(sched: Any) -> dict[str, int]:
+    if hasattr(sched, "get_request_counts"):
+        running, waiting = sched.get_request_counts()
+    else:
+        running, waiting = len(sched.running), len(sched.waiting)
+    return {
+        "max_num_seqs": int(sched.max_num_running_reqs),
+        "limit": int(sched.max_num_active_reqs),
+        "running": int(running),
+        "waiting": int(waiting),
+    }
+
+
+def get_batch_limit(self: Any) -> dict[str, int]:
+    return _state(_scheduler(self))
+
+
+def set_batch_limit(self: Any, limit: int) -> dict[str, int]:
+    """Admission limit into RUNNING. Lowering it preempts nothing: the running set drains as
+    requests finish. Clamped to 1..max_num_seqs, which sizes the engine's buffers."""
+    sched = _scheduler(self)
+    new = max(1, min(int(limit), int(sched.max_num_running_reqs)))
+    if new != sched.max_num_active_reqs:
+        log.info("palsd: batch limit %s -> %s", sched.max_num_active_reqs, new)
+        sched.max_num_active_reqs = new
+    return _state(sched)
+
+
+def install() -> bool:
+    """Add the methods to EngineCore. False (logged) when this vLLM has no V1 EngineCore."""
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except ImportError as e:
+        log.error(
+            "palsd batch-limit plugin: no vllm.v1.engine.core.EngineCore (%s); "
+            "palsd needs vLLM >= 0.32",
+            e,
+        )
+        return False
+    setattr(EngineCore, GET_METHOD, get_batch_limit)
+    setattr(EngineCore, SET_METHOD, set_batch_limit)
+    return True
