@@ -28,7 +28,7 @@ a batch limit trades latency for throughput and tokens per joule
 the facility budget changes with grid limits cooling and electricity prices
 palsd reads metrics from vllm and sets power limits and batch limits
 time to first token and inter token latency are the service level objectives
-""".split("\n")
+""".splitlines()
 
 
 def make_tokenizer(out: Path, vocab_size: int) -> None:
@@ -44,7 +44,7 @@ def make_tokenizer(out: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([line for line in _CORPUS if line] * 20, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
