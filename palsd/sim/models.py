@@ -1,0 +1,173 @@
+"""Model presets and the roofline cost of one engine iteration on one tensor-parallel group.
+
+An iteration processes `tokens` tokens (one per decoding sequence plus a prefill chunk). Per GPU
+of the group it reads the weights it needs (for an MoE only the experts the batch touches:
+E * (1 - (1 - k/E)^B) per layer for B tokens), reads the KV cache of every context it attends
+over, and does 2 * active_params FLOPs per token plus attention. Time is the larger of bytes over
+bandwidth and FLOPs over compute at the current clock, plus a fixed per-iteration overhead
+(scheduler, sampling, launches) and the tensor-parallel all-reduces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from palsd.sim.gpu_model import GpuSpec
+
+BYTES_PER_PARAM = 2  # bf16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    total_params: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int  # routed experts per layer; 0 for a dense model
+    top_k: int
+    expert_params: float  # parameters of ONE routed expert in one layer
+    default_tp: int
+    max_model_len: int = 32768
+
+    @property
+    def routed_params(self) -> float:
+        return self.layers * self.experts * self.expert_params
+
+    @property
+    def fixed_params(self) -> float:
+        """Parameters every token reads: attention, embeddings, norms, shared experts."""
+        return self.total_params - self.routed_params
+
+    @property
+    def active_params(self) -> float:
+        return self.fixed_params + self.layers * self.top_k * self.expert_params
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * BYTES_PER_PARAM
+
+    def experts_touched(self, tokens: float) -> float:
+        """Distinct routed experts per layer hit by `tokens` tokens under uniform routing."""
+        if self.experts == 0 or tokens <= 0:
+            return 0.0
+        return self.experts * (1.0 - (1.0 - self.top_k / self.experts) ** tokens)
+
+    def kv_capacity_tokens(self, gpu: GpuSpec, tp: int, mem_util: float = 0.9) -> int:
+        free = gpu.hbm_bytes * mem_util * tp - self.total_params * BYTES_PER_PARAM
+        if free <= 0:
+            raise ValueError(f"{self.name} does not fit on {tp} x {gpu.name}")
+        return int(free / self.kv_bytes_per_token)
+
+
+MIXTRAL_8X7B = ModelSpec(
+    name="mistralai/Mixtral-8x7B-Instruct-v0.1",
+    total_params=46.7e9,
+    layers=32,
+    hidden=4096,
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    experts=8,
+    top_k=2,
+    expert_params=3 * 4096 * 14336,
+    default_tp=2,
+)
+
+# Qwen1.5-MoE-A2.7B: 60 routed experts (FFN 1408) top-4 plus shared experts, MHA 16 heads.
+QWEN_MOE = ModelSpec(
+    name="Qwen/Qwen1.5-MoE-A2.7B",
+    total_params=14.3e9,
+    layers=24,
+    hidden=2048,
+    heads=16,
+    kv_heads=16,
+    head_dim=128,
+    experts=60,
+    top_k=4,
+    expert_params=3 * 2048 * 1408,
+    default_tp=1,
+    max_model_len=8192,
+)
+
+DENSE_8B = ModelSpec(
+    name="meta-llama/Llama-3.1-8B-Instruct",
+    total_params=8.03e9,
+    layers=32,
+    hidden=4096,
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    experts=0,
+    top_k=0,
+    expert_params=0.0,
+    default_tp=1,
+)
+
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "qwen-moe": QWEN_MOE,
+    "dense-8b": DENSE_8B,
+}
+
+# Fixed host-side cost of one vLLM iteration (schedule, sample, detokenise, launch CUDA graphs)
+# and its growth with the number of sequences; plus one NCCL all-reduce latency.
+ITER_OVERHEAD_S = 2.0e-3
+PER_SEQ_OVERHEAD_S = 6e-6
+ALLREDUCE_LATENCY_S = 8e-6
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    mem_s: float  # time to move the bytes at the clock's bandwidth
+    comp_s: float  # time for the FLOPs at the clock's compute rate
+    overhead_s: float
+
+    @property
+    def time_s(self) -> float:
+        return max(self.mem_s, self.comp_s) + self.overhead_s
+
+
+def iteration_cost(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    tp: int,
+    clock_mhz: float,
+    decode_seqs: int,
+    decode_ctx_tokens: float,
+    prefill_tokens: int = 0,
+    prefill_attend_tokens: float = 0.0,
+) -> IterationCost:
+    """Cost on each GPU of a TP group of one iteration.
+
+    decode_ctx_tokens: sum of the context lengths the decoding sequences attend over.
+    prefill_attend_tokens: sum over prefill tokens of the context each attends over.
+    """
+    tokens = decode_seqs + prefill_tokens
+    weight_params = model.fixed_params + model.layers * model.experts_touched(tokens) * (
+        model.expert_params
+    )
+    kv = model.kv_bytes_per_token
+    bytes_ = (
+        weight_params * BYTES_PER_PARAM
+        + kv * decode_ctx_tokens
+        + kv * tokens  # writes of the new entries
+    ) / tp
+    attn_flops_per_ctx = 4.0 * model.layers * model.heads * model.head_dim
+    flops = (
+        2.0 * model.active_params * tokens
+        + attn_flops_per_ctx * (decode_ctx_tokens + prefill_attend_tokens)
+    ) / tp
+    overhead = ITER_OVERHEAD_S + PER_SEQ_OVERHEAD_S * (decode_seqs + (1 if prefill_tokens else 0))
+    if tp > 1:
+        per_reduce = ALLREDUCE_LATENCY_S + tokens * model.hidden * BYTES_PER_PARAM / (
+            gpu.nvlink_bytes_per_s
+        )
+        overhead += 2 * model.layers * per_reduce
+    return IterationCost(
+        mem_s=bytes_ / gpu.bw_at(clock_mhz),
+        comp_s=flops / gpu.flops_at(clock_mhz),
+        overhead_s=overhead,
+    )

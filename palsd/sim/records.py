@@ -1,0 +1,119 @@
+"""What a simulated server remembers: vLLM-style histograms and counters since start, and
+time-stamped samples over a retention horizon for windowed signals and SLO accounting."""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_TOKEN_BUCKETS = tuple(float(1 << i) if i == 0 else float(8 << (i - 1))
+                                for i in range(0, 13))  # 1 8 16 32 ... 16384
+
+
+def one_two_five(max_value: int) -> tuple[float, ...]:
+    """vLLM's 1-2-5 series up to max_model_len for token-count histograms."""
+    out: list[float] = []
+    mantissa, exponent = [1, 2, 5], 0
+    while True:
+        for m in mantissa:
+            v = m * 10**exponent
+            if v > max_value:
+                return tuple(out)
+            out.append(float(v))
+        exponent += 1
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0.0] * (len(bounds) + 1)  # last slot: +Inf only
+        self.sum = 0.0
+
+    def observe(self, value: float, weight: float = 1.0) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += weight
+        self.sum += value * weight
+
+    @property
+    def count(self) -> float:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished request, in virtual seconds."""
+
+    server: int
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    prompt_tokens: int
+    output_tokens: int
+    preemptions: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first (vLLM's time_per_output_token)."""
+        if self.output_tokens <= 1:
+            return 0.0
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
+
+
+def weighted_quantile(samples: list[tuple[float, float]], q: float) -> float | None:
+    """q-quantile of (value, weight) samples; None when empty."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    total = sum(w for _, w in ordered)
+    if total <= 0:
+        return None
+    target = q * total
+    acc = 0.0
+    for value, weight in ordered:
+        acc += weight
+        if acc >= target:
+            return value
+    return ordered[-1][0]
+
+
+class TimedSamples:
+    """(t, value, weight) samples kept for `horizon_s`; queried by time window."""
+
+    __slots__ = ("_items", "horizon_s")
+
+    def __init__(self, horizon_s: float) -> None:
+        self.horizon_s = horizon_s
+        self._items: deque[tuple[float, float, float]] = deque()
+
+    def add(self, t_s: float, value: float, weight: float = 1.0) -> None:
+        items = self._items
+        items.append((t_s, value, weight))
+        if items[0][0] < t_s - self.horizon_s - 60.0:  # prune in batches, not on every add
+            cutoff = t_s - self.horizon_s
+            while items and items[0][0] < cutoff:
+                items.popleft()
+
+    def window(self, t0_s: float, t1_s: float) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for t, v, w in reversed(self._items):
+            if t < t0_s:
+                break
+            if t <= t1_s:
+                out.append((v, w))
+        return out
