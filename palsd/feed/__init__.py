@@ -1,0 +1,1 @@
+"""The facility feed: budgets and prices in over MQTT, status and liveness out."""
