@@ -17,15 +17,14 @@ def _fmt(value: float) -> str:
     return repr(float(value))
 
 
-def _labels(base: str, extra: dict[str, str] | None = None) -> str:
-    if not extra:
-        return "{" + base + "}"
-    more = ",".join(f'{k}="{v}"' for k, v in extra.items())
-    return "{" + base + "," + more + "}"
+def _labels(model_name: str, extra: dict[str, str] | None = None) -> str:
+    # sorted by label name, as prometheus_client writes them
+    labels = {"engine": "0", "model_name": model_name, **(extra or {})}
+    return "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
 
 
 def render_metrics(server: ServerSim, model_name: str, created_s: float) -> str:
-    base = f'engine="0",model_name="{model_name}"'
+    base = model_name
     lines: list[str] = []
     add = lines.append
 
@@ -76,9 +75,9 @@ def render_metrics(server: ServerSim, model_name: str, created_s: float) -> str:
            ({"sleep_state": "discard_all"}, 0)])
     add("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig")
     add("# TYPE vllm:cache_config_info gauge")
-    add(f'vllm:cache_config_info{{block_size="16",cache_dtype="auto",engine="0",'
-        f'model_name="{model_name}",'
-        f'gpu_memory_utilization="0.9",num_gpu_blocks="{s.kv_capacity // 16}"}} 1.0')
+    config = {"block_size": "16", "cache_dtype": "auto", "gpu_memory_utilization": "0.9",
+              "num_gpu_blocks": str(s.kv_capacity // 16)}
+    add(f"vllm:cache_config_info{_labels(base, config)} 1.0")
     counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
             [(None, s.preemptions_total)])
     counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
