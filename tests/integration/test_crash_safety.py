@@ -3,7 +3,6 @@ and every limit comes back, by `palsd restore` (systemd's ExecStopPost) or by th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -11,14 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.integration.procs import PALSD, gpu_limits, palsd, palsd_config, sim_host, wait_until
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("palsd.sim.host_cli") is None,
-    reason="`palsd sim-host` (palsd/sim/host_cli.py) is not in this checkout yet",
-)
 BATCH_PATH = "/pals/v1/batch-limit"
 
 
@@ -29,11 +23,21 @@ def batch_limits(sim: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def _changed(sim: dict[str, Any], budget_w: float, batch_before: dict[str, int]) -> bool:
+    """Power limits under the budget and every batch limit moved off its original."""
+    if sum(gpu_limits(sim).values()) > budget_w:
+        return False
+    now = batch_limits(sim)
+    return all(now[name] != limit for name, limit in batch_before.items())
+
+
 def _kill_with_limits_lowered(tmp: Path, sim: dict[str, Any], budget_w: float) -> Path:
-    """Run palsd under budget_w until it has lowered the limits, SIGKILL it; its config path."""
+    """Run palsd under budget_w until it has changed power and batch limits, SIGKILL it."""
+    batch_before = batch_limits(sim)
+    # The joint controller moves batch limits as well as caps, so both kinds get restored.
     cfg = palsd_config(sim, tmp, budget={"default_w": budget_w}, control={"controller": "joint"})
     with palsd(tmp, cfg) as d:
-        wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 10, "limits under budget")
+        wait_until(lambda: _changed(sim, budget_w, batch_before), 15, "power and batch changed")
         record = Path(cfg["state"]["dir"]) / "originals.json"
         assert record.exists(), "the originals record must exist before limits change"
         assert d.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -49,6 +53,7 @@ def test_restore_after_sigkill_puts_every_original_limit_back(tmp_path):
         # Nothing restored them: a killed process runs no clean-up of its own.
         left = gpu_limits(sim)
         assert sum(left.values()) <= budget_w and left != gpus_before
+        assert batch_limits(sim) != batch_before
         record = json.loads((tmp_path / "state" / "originals.json").read_text())
         assert {int(i): e["limit_w"] for i, e in record["gpus"].items()} == gpus_before
 
@@ -77,15 +82,16 @@ def test_restart_after_sigkill_reconciles_and_keeps_the_true_originals(tmp_path)
         second = tmp_path / "second"
         second.mkdir()
         state = {"dir": str(tmp_path / "state")}
-        cfg = palsd_config(sim, first, budget={"default_w": budget_w}, state=state)
+        joint = {"controller": "joint"}
+        cfg = palsd_config(sim, first, budget={"default_w": budget_w}, state=state, control=joint)
         with palsd(first, cfg) as d:
-            wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 10, "limits lowered")
+            wait_until(lambda: _changed(sim, budget_w, batch_before), 15, "limits changed")
             assert d.stop(signal.SIGKILL) == -signal.SIGKILL
-        assert gpu_limits(sim) != gpus_before
+        assert gpu_limits(sim) != gpus_before and batch_limits(sim) != batch_before
 
         # The next run starts from the lowered limits: it must put back the originals recorded
         # by the killed run, not adopt the lowered values as "original".
-        cfg2 = palsd_config(sim, second, budget={"default_w": budget_w}, state=state)
+        cfg2 = palsd_config(sim, second, budget={"default_w": budget_w}, state=state, control=joint)
         with palsd(second, cfg2) as d2:
             events = d2.events("reconciled_previous_run")
             assert events, d2.log_path.read_text()[-2000:]
