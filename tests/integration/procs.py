@@ -135,6 +135,9 @@ class Palsd:
                 out.append(item)
         return out
 
+    def metrics_port(self) -> int:
+        return int(self.events("metrics_listening")[0]["port"])
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         return _stop(self.proc, sig)
 

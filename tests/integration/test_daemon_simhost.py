@@ -83,13 +83,12 @@ def test_set_budget_rejects_bad_input_and_daemon_down(tmp_path):
     ):
         bad = d.palsctl("set-budget", "lots")
         assert bad.returncode == 2 and "not a power" in bad.stderr
-        resp = httpx.put(
-            "http://palsd/v1/budget/override",
-            json={"budget_w": -5},
-            transport=httpx.HTTPTransport(uds=str(d.socket)),
-        )
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket))) as api:
+            resp = api.put("http://palsd/v1/budget/override", json={"budget_w": -5})
         assert resp.status_code == 400 and resp.json()["reason"] == "bad_value"
         assert d.status()["budget"]["source"] == "none"
+        metrics = httpx.get(f"http://127.0.0.1:{d.metrics_port()}/metrics").text
+        assert 'palsd_api_rejected_total{reason="bad_value"} 1.0' in metrics
     gone = subprocess.run(
         [*PALSCTL, "--socket", str(tmp_path / "none.sock"), "status"],
         capture_output=True,
