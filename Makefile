@@ -64,3 +64,9 @@ clean:
 # CPU cost of one control tick for 8 GPUs and 8 servers (prints a table and a JSON line).
 bench-tick: venv
 	$(BIN)/python tools/bench_tick.py 2000
+
+# Publish -> power limits applied over a real Mosquitto, 8 simulated GPUs, 1000 budget changes;
+# the last line is one JSON object (changes, p50_ms, p99_ms, max_ms). See docs/mqtt.md.
+.PHONY: bench-mqtt
+bench-mqtt: venv system-deps
+	$(BIN)/python tools/bench_mqtt.py --changes 1000
