@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from palsd.feed.payload import (
+    BUDGET_FIELDS,
     REASONS,
     BudgetMessage,
     PriceMessage,
@@ -277,3 +278,22 @@ def test_price_rejections(changes: dict[str, Any], reason: str) -> None:
     msg = {"price_per_mwh": 50.0, "seq": 1, "issued_at": NOW, "sender": "market", **changes}
     result = decode_price(raw(msg), NOW, RULES)
     assert isinstance(result, Rejected) and result.reason == reason
+
+
+# ---- the published JSON Schema agrees with the decoder ----
+
+
+def test_json_schema_matches_the_decoder() -> None:
+    from importlib.resources import files
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(files("palsd").joinpath("schemas/budget.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert set(schema["properties"]) == set(BUDGET_FIELDS)
+    validator = jsonschema.Draft202012Validator(schema)
+    signed = json.loads(encode(good(), KEY))
+    for ok in (good(), signed, good(ttl_s=_DROP, expires_at=NOW + 60)):
+        assert not list(validator.iter_errors(ok)), ok
+    for bad in (good(budget_w=-1), good(seq=1.5), good(ttl_s=_DROP), good(extra=1)):
+        assert list(validator.iter_errors(bad)), bad
+        assert isinstance(decode_budget(raw(bad), NOW, RULES), Rejected)
