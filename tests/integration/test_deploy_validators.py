@@ -34,7 +34,7 @@ def test_promtool_accepts_the_alert_rules() -> None:
 
 def test_promtool_unit_tests_of_the_alerts_pass() -> None:
     # Fires PalsdLimitsAboveBudget, PalsdTickStalled, PalsdFallbackBudget, PalsdActuationErrors
-    # and PalsdSloBurnFast on crafted series, and checks NaN (no budget) fires nothing.
+    # PalsdSloBurnFast and PalsdFeedStale on crafted series; NaN (no budget) fires nothing.
     out = _run([_tool("promtool"), "test", "rules", "palsd-alerts.test.yaml"], cwd=PROM)
     assert "SUCCESS" in out
 
