@@ -103,12 +103,12 @@ class TwinHost:
         for k, srv in enumerate(self._servers):
             group = [self._gpus[i] for i in srv.gpu_indices]
             clock = min(g.clock_mhz for g in group)  # TP ranks wait for the slowest
-            use = srv.run_until(t_end, clock)
+            use = srv.run_until(t_end, clock, self.now_s)
             busy = use.busy_s
             u_mem = use.mem_s / busy if busy > 0 else 0.0
             u_comp = use.comp_s / busy if busy > 0 else 0.0
             for g in group:
-                g.account(q, min(busy, q * 1.5), u_mem, u_comp, clock)
+                g.account(q, busy, u_mem, u_comp, clock)
             snaps = self._snapshots[k]
             snaps.append((t_end, srv.prompt_tokens_total, srv.generation_tokens_total,
                           len(srv.finished), srv.preemptions_total))

@@ -75,7 +75,7 @@ H100 = GpuSpec(
     mem_w=60.0,
     sm_w=480.0,
     sm_mem_share=0.15,
-    bw_knee_frac=0.55,
+    bw_knee_frac=0.7,
     nvlink_bytes_per_s=450e9,
 )
 
@@ -96,7 +96,7 @@ A100 = GpuSpec(
     mem_w=50.0,
     sm_w=270.0,
     sm_mem_share=0.15,
-    bw_knee_frac=0.55,
+    bw_knee_frac=0.7,
     nvlink_bytes_per_s=250e9,
 )
 

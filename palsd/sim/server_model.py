@@ -108,6 +108,7 @@ class ServerSim:
         self.e2e_samples = TimedSamples(history_s)
         self.finished: list[RequestRecord] = []
         self._admit_s: dict[int, float] = {}
+        self._carry = StepUsage()  # work of an iteration that ran past the last quantum's end
 
     # ---- state read by the host -------------------------------------------------------------
     @property
@@ -195,8 +196,21 @@ class ServerSim:
                 self.waiting.appendleft(req)
                 return
 
-    def run_until(self, t_end: float, clock_mhz: float) -> StepUsage:
-        use = StepUsage()
+    def run_until(self, t_end: float, clock_mhz: float, t_start: float) -> StepUsage:
+        """Run the scheduler up to t_end; return the GPU work that falls in
+        (t_start, t_end]. An iteration that runs past t_end is charged to the next call."""
+        use = self._carry
+        self._carry = StepUsage()
+        use = self._run(t_end, clock_mhz, use)
+        span = max(t_end - t_start, 0.0)
+        if use.busy_s > span and use.busy_s > 0:
+            excess = use.busy_s - span
+            share = excess / use.busy_s
+            self._carry = StepUsage(excess, use.mem_s * share, use.comp_s * share)
+            use = StepUsage(span, use.mem_s * (1 - share), use.comp_s * (1 - share))
+        return use
+
+    def _run(self, t_end: float, clock_mhz: float, use: StepUsage) -> StepUsage:
         model, gpu, tp = self.model, self.gpu, self.tp
         while self.t < t_end:
             self._pull_arrivals()
