@@ -11,6 +11,9 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from palsd.api.server import ApiServer
+from palsd.feed.mqtt import MqttFeed
+from palsd.report.metrics import Metrics
+from palsd.runtime.config import MqttConfig
 from tests.unit.test_daemon import MemoryHost, make_daemon
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -53,6 +56,10 @@ def _check(spec: dict[str, Any], path: str, method: str, status: int, body: Any)
 
 async def test_live_responses_match_their_documented_schemas(spec: dict[str, Any], tmp_path):
     daemon = make_daemon(tmp_path, MemoryHost(4))
+    # A feed that has not connected yet: status then carries its `feed` object as in production.
+    mqtt = MqttConfig(enabled=True, host_id="h1")
+    feed = MqttFeed(mqtt, daemon, daemon.status, Metrics().registry)
+    daemon.status_extra["feed"] = feed.state
     await daemon.tick()
     api = ApiServer(daemon, tmp_path / "s.sock", None, token=TOKEN)
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -69,5 +76,7 @@ async def test_live_responses_match_their_documented_schemas(spec: dict[str, Any
         for method, path, headers, body in calls:
             resp = await client.request(method.upper(), path, headers=headers, json=body)
             statuses.append(resp.status)
+            if path == "/v1/status":
+                assert "feed" in await resp.json()
             _check(spec, path, method, resp.status, await resp.json())
     assert statuses == [200, 200, 200, 400, 401, 200]
