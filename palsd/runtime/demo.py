@@ -67,7 +67,13 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout_s: f
         time.sleep(0.1)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     ready_file = workdir / "simhost.json"
@@ -98,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
             ],
             stdout=sim_log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         procs.append(sim)
         _wait_for(ready_file, sim, "the simulated host", 30)
@@ -105,13 +112,18 @@ def main(args: argparse.Namespace) -> int:
         from palsd.sense.simhost import SimHostBackend
 
         gpus = SimHostBackend(ready["url"]).read_all()
-        budget_w = args.budget_w or round(0.65 * sum(g.max_limit_w for g in gpus))
+        budget_w = args.budget_w or round(0.45 * sum(g.max_limit_w for g in gpus))
         config_path = workdir / "palsd.yaml"
         config_path.write_text(
             yaml.safe_dump(demo_config(ready, workdir, budget_w, args.controller), sort_keys=False)
         )
+        # Own sessions: Ctrl-C reaches only this process, which stops palsd (so it restores
+        # the limits) before the simulated host it restores them on.
         daemon = subprocess.Popen(
-            [*exe, "run", "--config", str(config_path)], stdout=palsd_log, stderr=subprocess.STDOUT
+            [*exe, "run", "--config", str(config_path)],
+            stdout=palsd_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         procs.append(daemon)
         _wait_for(sock, daemon, "palsd", 30)
