@@ -6,6 +6,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,22 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
     conf, state = (tmp_path / "etc/palsd").stat(), (tmp_path / "var/lib/palsd").stat()
     assert (conf.st_uid, conf.st_gid, stat.S_IMODE(conf.st_mode)) == (0, gid, 0o750)
     assert (state.st_uid, state.st_gid, stat.S_IMODE(state.st_mode)) == (uid, gid, 0o750)
+
+
+def test_exec_stop_post_command_runs_and_is_idempotent_with_nothing_recorded(
+    tmp_path: Path,
+) -> None:
+    # systemd runs ExecStopPost after every stop, also when palsd never changed anything (dry
+    # run, failed start): the unit's exact command line must then succeed and touch nothing.
+    config = tmp_path / "palsd.yaml"
+    config.write_text(f"state:\n  dir: {tmp_path / 'state'}\n")
+    argv = _directives(UNIT.read_text())["ExecStopPost"][0].split()
+    assert argv[0] == INSTALLED_BIN
+    args = [a if a != "/etc/palsd/palsd.yaml" else str(config) for a in argv[1:]]
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "palsd.cli.palsd", *args],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "state" / "originals.json").exists()
