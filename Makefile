@@ -70,3 +70,10 @@ bench-tick: venv
 .PHONY: bench-mqtt
 bench-mqtt: venv system-deps
 	$(BIN)/python tools/bench_mqtt.py --changes 1000
+
+# The four headline scenarios of docs/controller.md: every policy on the twin, 1 virtual hour each.
+.PHONY: simulate
+simulate: venv
+	for s in efficiency strict demand_response price; do \
+	  $(BIN)/palsd simulate --scenario $$s --hours 1 --seed 1 --out out/simulate/$$s || exit 1; \
+	done

@@ -50,6 +50,9 @@ class JointParams:
     shed_batch_limit: int = 8  # batch limit ceiling while the budget is infeasible
     urgency_gain: float = 4.0  # how much an SLO shortfall weighs in the budget split
     max_raise_w_per_tick: float | None = 150.0
+    # Plan this share below the budget: the firmware's cap loop overshoots for a moment when
+    # load jumps, so limits that sum exactly to the budget let the drawn power poke above it.
+    budget_guard_frac: float = 0.02
     model: ModelParams = field(default_factory=ModelParams)
 
 
@@ -276,13 +279,17 @@ class JointController:
         if stale:
             reasons.append(f"stale signals, holding last decisions: {', '.join(stale)}")
 
-        bound = budget_w is not None and sum(wants.values()) > budget_w + 1e-6
+        plan_w = budget_w
+        if budget_w is not None and p.control_caps:  # static caps (batch_only) stay as PALS's
+            sum_min = sum(g.min_limit_w for g in obs.gpus)
+            plan_w = max(min(budget_w, sum_min), budget_w * (1.0 - p.budget_guard_frac))
+        bound = plan_w is not None and sum(wants.values()) > plan_w + 1e-6
         targets = dict(wants)
-        if bound and budget_w is not None:
-            targets = weighted_fill(obs.gpus, wants, urgency, budget_w)
+        if bound and plan_w is not None:
+            targets = weighted_fill(obs.gpus, wants, urgency, plan_w)
         current = {g.index: g.power_limit_w for g in obs.gpus}
         targets = limit_raise(current, targets, p.max_raise_w_per_tick)
-        fitted = fit_to_budget(targets, obs.gpus, budget_w)
+        fitted = fit_to_budget(targets, obs.gpus, plan_w)
         self._note_allocation(owner, fitted.limits_w, bound or fitted.scaled)
 
         if fitted.infeasible:

@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Callable
 
 import pytest
-from test_controller_fixtures import gpu, obs, server, signals
 
 from palsd.core.controller import JointController, JointParams, weighted_fill
 from palsd.core.types import Decision, GpuObservation, Observation, ServerSignals
+from tests.unit.test_controller_fixtures import gpu, obs, server, signals
 
 PERIOD_S = 0.5
 

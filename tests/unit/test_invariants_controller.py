@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_controller_fixtures import gpu, obs, server, signals
 
 from palsd.core.controller import JointController
 from palsd.core.safety import order_writes
 from palsd.core.types import GpuObservation, Observation, ServerObservation
+from tests.unit.test_controller_fixtures import gpu, obs, server, signals
 
 latency = st.one_of(st.none(), st.floats(0.001, 10.0))
 
