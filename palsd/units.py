@@ -37,12 +37,11 @@ def parse_watts(text: str) -> float:
 def parse_duration_s(text: str) -> float:
     """Parse '500ms', '10s', '10m', '2h' or a bare number of seconds."""
     raw = text.strip().lower()
-    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+    number, scale = raw, 1.0
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
         if raw.endswith(suffix):
-            number = raw[: -len(suffix)]
+            number, scale = raw[: -len(suffix)], factor
             break
-    else:
-        number, scale = raw, 1.0
     try:
         value = float(number) * scale
     except ValueError:

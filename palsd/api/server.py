@@ -18,7 +18,6 @@ from palsd.core.budget import BudgetEntry
 from palsd.runtime.daemon import Daemon
 
 
-
 def _error(status: int, reason: str, message: str) -> web.Response:
     return web.json_response({"error": message, "reason": reason}, status=status)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 
@@ -78,7 +78,7 @@ class ServerObservation:
     max_num_seqs: int | None
 
 
-class BudgetSource(str, Enum):
+class BudgetSource(StrEnum):
     FACILITY = "facility"
     OVERRIDE = "override"
     DEFAULT = "default"
