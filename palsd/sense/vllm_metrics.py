@@ -48,6 +48,16 @@ _GAUGE_NAMES = _index(_GAUGES)
 _COUNTER_NAMES = _index(_COUNTERS)
 _HIST_NAMES = _index(_HISTOGRAMS)
 
+# Every sample or family name palsd reads. Lines for anything else are dropped before the
+# Prometheus parser sees them: a vLLM page is ~50 KB and mostly families palsd ignores.
+_WANTED = frozenset(
+    [
+        *_GAUGE_NAMES,
+        *(n + sfx for n in _COUNTER_NAMES for sfx in ("", "_total")),
+        *(n + sfx for n in _HIST_NAMES for sfx in ("", "_bucket", "_count", "_sum")),
+    ]
+)
+
 
 class MetricsFormatError(BadInput):
     """The page is not Prometheus text, or holds no vLLM series at all."""
@@ -202,6 +212,31 @@ def _value(table: Mapping[str, tuple[int, float]], fld: str) -> float | None:
     return None if got is None else got[1]
 
 
+def _line_name(line: str) -> str:
+    if line.startswith("#"):
+        parts = line.split(None, 3)  # "# TYPE name type" / "# HELP name text"
+        return parts[2] if len(parts) > 2 else ""
+    end = len(line)
+    for sep in "{ \t":
+        i = line.find(sep)
+        if i != -1:
+            end = min(end, i)
+    return line[:end]
+
+
+def _wanted_lines(text: str) -> tuple[str, bool]:
+    """The page cut down to the families palsd reads, and whether it had any vllm: series."""
+    kept: list[str] = []
+    saw_vllm = False
+    for line in text.splitlines():
+        name = _line_name(line)
+        if name.startswith("vllm:"):
+            saw_vllm = saw_vllm or not line.startswith("#")
+            if name in _WANTED:
+                kept.append(line)
+    return "\n".join(kept) + "\n", saw_vllm
+
+
 def _samples(text: str) -> Iterable[tuple[str, Mapping[str, str], float]]:
     try:
         for family in text_string_to_metric_families(text):
@@ -217,16 +252,15 @@ def parse_metrics(text: str) -> dict[EngineKey, EngineSample]:
     Raises MetricsFormatError if the text does not parse or has no vLLM series: an endpoint
     that answers but is not vLLM (a wrong port) must not read as an idle server.
     """
+    if "\x00" in text or ("<html" in text[:512].lower()):
+        raise MetricsFormatError("not Prometheus text format (binary or HTML)")
+    wanted, saw_vllm = _wanted_lines(text)
+    if not saw_vllm:
+        raise MetricsFormatError("no vllm:* series on the page (is this a vLLM /metrics URL?)")
     accs: dict[EngineKey, _Acc] = {}
-    saw_vllm = False
-    for name, labels, value in _samples(text):
-        if not name.startswith("vllm:"):
-            continue
-        saw_vllm = True
+    for name, labels, value in _samples(wanted):
         if "model_name" not in labels:
             continue  # e.g. per-reason series without an engine; not per-engine signals
         key = (labels["model_name"], labels.get("engine", "0"))
         _add_sample(accs.setdefault(key, _Acc()), name, labels, value)
-    if not saw_vllm:
-        raise MetricsFormatError("no vllm:* series on the page (is this a vLLM /metrics URL?)")
     return {key: _freeze(key, acc) for key, acc in sorted(accs.items())}
