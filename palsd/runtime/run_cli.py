@@ -170,6 +170,8 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
             max_override_ttl_s=cfg.budget.max_override_ttl_s,
         )
         await api.start()
+        if api.tcp_port is not None:
+            log.info("api_tcp_listening", host=cfg.api.tcp.host, port=api.tcp_port)
         metrics_runner = await _start_metrics(cfg, metrics, log)
         log.info(
             "palsd_started",
