@@ -1,0 +1,29 @@
+"""SIGHUP reloads the configuration; a bad file is rejected with its reasons and the running
+configuration stays in force."""
+
+from __future__ import annotations
+
+import signal
+
+import yaml
+
+from tests.integration.procs import palsd, palsd_config, sim_host, wait_until
+
+
+def test_sighup_applies_a_good_file_and_rejects_a_bad_one(tmp_path):
+    with sim_host(tmp_path, gpus=2, servers=1) as sim:
+        cfg = palsd_config(sim, tmp_path, budget={"default_w": 1200})
+        with palsd(tmp_path, cfg) as d:
+            assert d.status()["budget"]["effective_w"] == 1200
+            cfg["budget"]["default_w"] = 900
+            d.config.write_text(yaml.safe_dump(cfg))
+            d.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: d.status()["budget"]["effective_w"] == 900, 5, "reloaded budget")
+
+            d.config.write_text("budget:\n  default_w: -3\ncontrol:\n  period_s: fast\n")
+            d.proc.send_signal(signal.SIGHUP)
+            rejected = wait_until(lambda: d.events("config_reload_rejected"), 5, "rejection")
+            problems = "\n".join(rejected[0]["problems"])
+            assert "budget.default_w" in problems and "control.period_s" in problems
+            assert d.status()["budget"]["effective_w"] == 900
+            assert d.proc.poll() is None
