@@ -190,9 +190,7 @@ def test_clock_event_reasons_pass_the_bitmask_through_and_none_on_error(fake: An
 def test_required_read_failing_raises_the_mapped_error(fake: Any) -> None:
     backend = NvmlBackend(indices=[0])
     backend.start()
-    fake.nvmlDeviceGetPowerManagementLimit.side_effect = nvml_error(
-        pynvml.NVML_ERROR_GPU_IS_LOST
-    )
+    fake.nvmlDeviceGetPowerManagementLimit.side_effect = nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
     with pytest.raises(GpuLost, match=r"GPU 0: .*dmesg") as info:
         backend.read_all()
     assert isinstance(info.value.__cause__, pynvml.NVMLError)
