@@ -1,0 +1,251 @@
+"""VllmScraper and BatchLimitClient over real HTTP, against small aiohttp servers that play the
+failure cases a real vLLM rarely shows on demand: errors, timeouts, wrong pages, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from palsd.act.batch import (
+    BatchLimitClient,
+    BatchLimitRejected,
+    BatchLimitState,
+    BatchLimitUnauthorized,
+    BatchLimitUnavailable,
+)
+from palsd.sense.vllm import VllmScraper
+from palsd.vllm_plugin.contract import PATH, ContractError, check_token, parse_limit
+from tests.unit.test_vllm_metrics import v1_page
+
+Handler = Callable[[web.Request], Any]
+
+
+async def serve(routes: list[tuple[str, str, Handler]]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as c:
+        yield c
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_scraper_turns_two_pages_into_rates(client: httpx.AsyncClient) -> None:
+    pages = [v1_page(gen=1000.0), v1_page(gen=1500.0)]
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=pages.pop(0) if len(pages) > 1 else pages[0])
+
+    runner, url = await serve([("GET", "/metrics", metrics)])
+    try:
+        scraper = VllmScraper(url, client, window_s=10.0, timeout_s=2.0)
+        first = await scraper.poll(100.0)
+        second = await scraper.poll(102.0)
+    finally:
+        await runner.cleanup()
+    assert first is not None and first.generation_tokens_per_s == 0.0
+    assert second is not None and second.generation_tokens_per_s == 250.0
+    assert (scraper.failures, scraper.stale_reason) == (0, None)
+    assert scraper.last_report is not None and len(scraper.last_report.engines) == 1
+
+
+async def test_scraper_marks_stale_and_recovers(client: httpx.AsyncClient) -> None:
+    answers = [web.Response(status=500, text="boom"), web.Response(text=v1_page())]
+
+    async def metrics(_: web.Request) -> web.Response:
+        return answers.pop(0)
+
+    runner, url = await serve([("GET", "/metrics", metrics)])
+    try:
+        scraper = VllmScraper(url + "/metrics", client, timeout_s=2.0)
+        assert await scraper.poll(0.0) is None
+        assert scraper.stale_reason is not None and "HTTP 500" in scraper.stale_reason
+        assert (scraper.failures, scraper.consecutive_failures) == (1, 1)
+        assert await scraper.poll(1.0) is not None
+    finally:
+        await runner.cleanup()
+    assert (scraper.failures, scraper.consecutive_failures, scraper.stale_reason) == (1, 0, None)
+
+
+async def test_scraper_rejects_a_page_that_is_not_vllm(client: httpx.AsyncClient) -> None:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text="# TYPE up gauge\nup 1\n")
+
+    runner, url = await serve([("GET", "/metrics", metrics)])
+    try:
+        scraper = VllmScraper(url, client)
+        assert await scraper.poll(0.0) is None
+    finally:
+        await runner.cleanup()
+    assert scraper.stale_reason is not None and "no vllm" in scraper.stale_reason
+
+
+async def test_scraper_times_out_instead_of_hanging(client: httpx.AsyncClient) -> None:
+    release = asyncio.Event()
+
+    async def metrics(_: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text=v1_page())
+
+    runner, url = await serve([("GET", "/metrics", metrics)])
+    try:
+        scraper = VllmScraper(url, client, timeout_s=0.2)
+        assert await scraper.poll(0.0) is None
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert scraper.stale_reason is not None and "timeout" in scraper.stale_reason
+
+
+async def test_scraper_of_an_unreachable_server_is_stale(client: httpx.AsyncClient) -> None:
+    scraper = VllmScraper(f"http://127.0.0.1:{_closed_port()}", client, timeout_s=1.0)
+    assert await scraper.poll(0.0) is None
+    assert await scraper.poll(1.0) is None
+    assert scraper.stale_reason is not None and "cannot reach" in scraper.stale_reason
+    assert scraper.failures == 2
+
+
+class ContractServer:
+    """The batch-limit contract served with the plugin's own validation code."""
+
+    def __init__(self, token: str | None, max_num_seqs: int = 8, fail_first: int = 0) -> None:
+        self.token = token
+        self.state = {"max_num_seqs": max_num_seqs, "limit": max_num_seqs, "running": 3}
+        self.fail_first = fail_first
+        self.calls = 0
+
+    def _answer(self) -> web.Response:
+        return web.json_response({**self.state, "waiting": 1})
+
+    def _gate(self, request: web.Request) -> None:
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise ContractError(503, "engine busy")
+        check_token(self.token, request.headers.get("Authorization"))
+
+    async def get(self, request: web.Request) -> web.Response:
+        try:
+            self._gate(request)
+        except ContractError as e:
+            return web.json_response({"error": e.reason}, status=e.status)
+        return self._answer()
+
+    async def put(self, request: web.Request) -> web.Response:
+        try:
+            self._gate(request)
+            self.state["limit"] = parse_limit(await request.json(), self.state["max_num_seqs"])
+        except ContractError as e:
+            return web.json_response({"error": e.reason}, status=e.status)
+        return self._answer()
+
+    async def start(self) -> tuple[web.AppRunner, str]:
+        return await serve([("GET", PATH, self.get), ("PUT", PATH, self.put)])
+
+
+async def test_batch_client_sets_and_reads_the_limit(client: httpx.AsyncClient) -> None:
+    peer = ContractServer(token="t0k")
+    runner, url = await peer.start()
+    try:
+        batch = BatchLimitClient(url, client, token="t0k", timeout_s=2.0)
+        before = await batch.get()
+        after = await batch.set(2)
+    finally:
+        await runner.cleanup()
+    assert before == BatchLimitState(max_num_seqs=8, limit=8, running=3, waiting=1)
+    assert after.limit == 2 and peer.state["limit"] == 2
+
+
+async def test_batch_client_names_a_rejected_value(client: httpx.AsyncClient) -> None:
+    peer = ContractServer(token=None)
+    runner, url = await peer.start()
+    try:
+        batch = BatchLimitClient(url, client, timeout_s=2.0)
+        with pytest.raises(BatchLimitRejected, match="between 1 and max_num_seqs=8"):
+            await batch.set(9)
+    finally:
+        await runner.cleanup()
+    assert peer.state["limit"] == 8 and peer.calls == 1  # a 4xx is not retried
+
+
+async def test_batch_client_reports_a_token_mismatch(client: httpx.AsyncClient) -> None:
+    peer = ContractServer(token="right")
+    runner, url = await peer.start()
+    try:
+        batch = BatchLimitClient(url, client, token="wrong", timeout_s=2.0)
+        with pytest.raises(BatchLimitUnauthorized, match="token"):
+            await batch.set(4)
+        assert await batch.get() is None
+    finally:
+        await runner.cleanup()
+    assert isinstance(batch.last_error, BatchLimitUnauthorized)
+
+
+async def test_batch_client_retries_5xx_with_backoff(client: httpx.AsyncClient) -> None:
+    peer = ContractServer(token=None, fail_first=2)
+    runner, url = await peer.start()
+    try:
+        batch = BatchLimitClient(url, client, timeout_s=2.0, attempts=3, backoff_s=0.01)
+        state = await batch.set(5)
+    finally:
+        await runner.cleanup()
+    assert state.limit == 5 and peer.calls == 3
+
+
+async def test_batch_client_gives_up_after_its_attempts(client: httpx.AsyncClient) -> None:
+    peer = ContractServer(token=None, fail_first=100)
+    runner, url = await peer.start()
+    try:
+        batch = BatchLimitClient(url, client, timeout_s=2.0, attempts=3, backoff_s=0.01)
+        with pytest.raises(BatchLimitUnavailable, match="HTTP 503: engine busy"):
+            await batch.set(5)
+    finally:
+        await runner.cleanup()
+    assert peer.calls == 3
+
+
+async def test_batch_client_explains_a_missing_plugin(client: httpx.AsyncClient) -> None:
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    runner, url = await serve([("GET", "/health", health)])
+    try:
+        batch = BatchLimitClient(url, client, timeout_s=2.0)
+        with pytest.raises(BatchLimitUnavailable, match="VLLM_PLUGINS"):
+            await batch.set(4)
+    finally:
+        await runner.cleanup()
+
+
+async def test_batch_client_of_an_unreachable_server_fails_fast(
+    client: httpx.AsyncClient,
+) -> None:
+    batch = BatchLimitClient(
+        f"http://127.0.0.1:{_closed_port()}", client, timeout_s=0.5, attempts=2, backoff_s=0.01
+    )
+    t0 = time.monotonic()
+    with pytest.raises(BatchLimitUnavailable, match="unreachable"):
+        await batch.set(4)
+    assert await batch.get() is None
+    # Bounded by attempts x timeout + backoff, not by the server.
+    assert time.monotonic() - t0 < 3 * 0.5 + 1.0
