@@ -661,6 +661,13 @@ def run_check(args: argparse.Namespace) -> int:
             facts[key] = str(getattr(module, fn)())
         except Exception as err:  # informative only
             facts[key] = f"unread: {err}"
+    try:
+        from importlib.metadata import version
+
+        facts["nvidia_ml_py"] = version("nvidia-ml-py")
+    except Exception as err:  # informative only
+        facts["nvidia_ml_py"] = f"unknown: {err}"
+    facts["python"] = sys.version.split()[0]
     facts["gpus"] = [
         {
             "index": g.index,
