@@ -147,7 +147,8 @@ class BatchLimitClient:
             except httpx.HTTPError as e:
                 last = BatchLimitUnavailable(self.url, f"unreachable ({type(e).__name__}: {e})")
                 continue
-            if resp.status_code >= 500:
+            if resp.status_code >= 500 and resp.status_code != 501:
+                # 501 is final: the plugin half in the engine is missing or vLLM is too old.
                 last = BatchLimitUnavailable(
                     self.url, f"HTTP {resp.status_code}: {_error_text(resp)}"
                 )
@@ -162,6 +163,8 @@ class BatchLimitClient:
             raise BatchLimitUnauthorized(
                 self.url, f"HTTP {code}: {_error_text(resp)} (check the token on both sides)"
             )
+        if code == 501:
+            raise BatchLimitUnavailable(self.url, f"HTTP 501: {_error_text(resp)}")
         if code in (404, 405):
             raise BatchLimitUnavailable(
                 self.url,

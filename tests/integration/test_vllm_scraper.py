@@ -249,3 +249,21 @@ async def test_batch_client_of_an_unreachable_server_fails_fast(
     assert await batch.get() is None
     # Bounded by attempts x timeout + backoff, not by the server.
     assert time.monotonic() - t0 < 3 * 0.5 + 1.0
+
+
+async def test_batch_client_does_not_retry_a_501(client: httpx.AsyncClient) -> None:
+    calls = 0
+
+    async def not_implemented(_: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.json_response({"error": "the engine-side plugin is not loaded"}, status=501)
+
+    runner, url = await serve([("PUT", PATH, not_implemented)])
+    try:
+        batch = BatchLimitClient(url, client, timeout_s=2.0, attempts=3, backoff_s=0.01)
+        with pytest.raises(BatchLimitUnavailable, match="engine-side plugin"):
+            await batch.set(4)
+    finally:
+        await runner.cleanup()
+    assert calls == 1
