@@ -53,8 +53,9 @@ from palsd.sense.nvml import NvmlBackend
 ENERGY_TOLERANCE = 0.05
 MUTATING = re.compile(r"^nvml(?!EventSet)\w*?(Set|Reset|Clear|Create|Destroy|Modify|Remove)")
 
-# (name, kind, parameter): kind idle | decode (batch size) | matmul (matrix size).
+# (name, kind, parameter): kind nocontext | idle | decode (batch size) | matmul (matrix size).
 SCHEDULE: list[tuple[str, str, int]] = [
+    ("idle_no_context", "nocontext", 0),  # before the load opens a CUDA context: clocks drop
     ("idle", "idle", 0),
     ("decode_b1", "decode", 1),
     ("decode_b16", "decode", 16),
@@ -202,15 +203,35 @@ def run_load_worker(
     """`tiny`: small shapes on the CPU, so the worker's code can be tried without a GPU."""
     import torch
 
+    def emit(record: dict[str, Any]) -> None:
+        with marks.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    for name, kind, param in schedule:  # before any CUDA call: the GPU as nobody uses it
+        if kind == "nocontext":
+            start = time.monotonic()
+            time.sleep(phase_s)
+            emit(
+                {
+                    "event": "phase",
+                    "phase": name,
+                    "kind": kind,
+                    "param": param,
+                    "start_s": start,
+                    "end_s": time.monotonic(),
+                    "work": {},
+                }
+            )
     dev = torch.device("cpu" if tiny else "cuda:0")
     torch.manual_seed(0)
     hidden, ffn, experts, layers = 4096, 14336, 8, 4  # Mixtral-8x7B expert shapes, 4 layers
     if tiny:
         hidden, ffn = 256, 512
 
-    def sync() -> None:
-        if not tiny:
-            sync()
+    def no_sync() -> None:
+        pass
+
+    sync: Callable[[], None] = no_sync if tiny else torch.cuda.synchronize
 
     w1 = [torch.randn(experts, hidden, ffn, device=dev, dtype=torch.bfloat16) * 0.02]
     w3 = [torch.randn(experts, hidden, ffn, device=dev, dtype=torch.bfloat16) * 0.02]
@@ -236,15 +257,13 @@ def run_load_worker(
             x = x + out
         return x
 
-    def emit(record: dict[str, Any]) -> None:
-        with marks.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
     for _ in range(3):  # warm cuBLAS handles and the allocator out of the measured phases
         decode_step(torch.randn(16, hidden, device=dev, dtype=torch.bfloat16))
     sync()
     emit({"event": "ready", "t_s": time.monotonic()})
     for name, kind, param in schedule:
+        if kind == "nocontext":
+            continue
         x = torch.randn(max(param, 1), hidden, device=dev, dtype=torch.bfloat16)
         n = max(64, param // 32) if tiny else param
         if kind == "matmul" and n not in mats:
@@ -481,6 +500,8 @@ def phase_report(samples: list[dict[str, Any]], phase: dict[str, Any], gpu: int)
     ]
     out: dict[str, Any] = {
         "phase": phase["phase"],
+        "start_s": phase["start_s"],
+        "end_s": phase["end_s"],
         "gpu": gpu,
         "samples": len(rows),
         "duration_s": phase["end_s"] - phase["start_s"],
@@ -548,6 +569,34 @@ def daemon_shim(argv: list[str], guard_log: Path, fake: bool) -> int:
     from palsd.cli.palsd import main as palsd_main
 
     return palsd_main(argv)
+
+
+def scrape_daemon_metrics(log_path: Path) -> dict[str, float] | str:
+    """palsd's own tick histogram and counters, read from its Prometheus endpoint."""
+    import urllib.request
+
+    port = None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"metrics_listening"' in line:
+            port = json.loads(line).get("port")
+    if port is None:
+        return "no metrics_listening line in the daemon log"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as err:
+        return f"scrape failed: {err}"
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split(" ")[0]
+        if line.startswith(("palsd_tick", "palsd_limit_writes", "palsd_sense_errors")) and (
+            not name.endswith("_created")
+        ):
+            try:
+                out[name] = float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+    return out
 
 
 def summarize_daemon_log(path: Path, budget_w: float) -> dict[str, Any]:
@@ -713,6 +762,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     samples, timings, problems = sample_loop(backend, inst, budgets, args.period_s, finished)
     worker_rc = stop_process(worker)
+    daemon_metrics = scrape_daemon_metrics(args.out / "daemon.log") if daemon else None
     daemon_rc = stop_process(daemon)
     after = backend.read_all()
     backend.close()
@@ -752,7 +802,11 @@ def run_check(args: argparse.Namespace) -> int:
         "decision_problems": problems[:50],
         "setter_calls": inst.setter_calls + guard_daemon_calls,
         "worker_rc": worker_rc,
-        "daemon": {"rc": daemon_rc, **(daemon_summary or {})} if daemon is not None else None,
+        "daemon": (
+            {"rc": daemon_rc, "metrics": daemon_metrics, **(daemon_summary or {})}
+            if daemon is not None
+            else None
+        ),
         "samples": len(samples),
     }
     (args.out / "h100_check.json").write_text(json.dumps(summary, indent=1, default=str))
