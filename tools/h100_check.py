@@ -644,6 +644,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--daemon-shim", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--guard-log", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--twin-compare",
+        type=Path,
+        metavar="SUMMARY_JSON",
+        help="print a summary's phases beside palsd.sim's H100 and exit",
+    )
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -868,11 +874,75 @@ def print_summary(s: dict[str, Any]) -> None:
     )
 
 
+# -- the twin beside the measurements (docs/hardware.md) --------------------------------------
+
+
+def twin_compare(summary_path: Path) -> int:
+    """Set each measured phase beside palsd.sim's H100 for the same load: the twin's power model
+    fed with the utilisation the measured throughput implies, and the twin's iteration model
+    run on this script's 4-layer MoE (tokens/s and watts it predicts on its own)."""
+    from palsd.sim.gpu_model import H100
+    from palsd.sim.models import ModelSpec, iteration_cost
+
+    expert = 3 * 4096 * 14336
+    micro = ModelSpec(
+        name="h100_check MoE",
+        total_params=4 * 8 * expert + 4 * 4096 * 8,
+        layers=4,
+        hidden=4096,
+        heads=0,
+        kv_heads=0,
+        head_dim=0,
+        experts=8,
+        top_k=2,
+        expert_params=expert,
+        default_tp=1,
+    )
+    summary = json.loads(summary_path.read_text())
+    f_max = H100.max_clock_mhz
+    print(
+        f"{'phase':<16}{'meas W':>8}{'MHz':>6}{'work':>9}{'twin W@meas':>12}"
+        f"{'u_mem':>7}{'u_comp':>7}{'twin-only W':>12}{'twin work':>10}"
+    )
+    for r in summary["phases"]:
+        name, meas_w, mhz = r["phase"], r.get("power_counter_w"), r.get("sm_clock_mhz_median")
+        if meas_w is None:
+            continue
+        u_mem = u_comp = 0.0
+        alone_w: float | None = None
+        alone_work: float | None = None
+        work = r.get("tokens_per_s") or r.get("tflop_per_s")
+        if "tokens_per_s" in r:
+            batch = int(name.split("_b")[1].split("_")[0])
+            steps = r["tokens_per_s"] / batch
+            bytes_step = micro.layers * micro.experts_touched(batch) * expert * 2
+            u_mem = bytes_step * steps / H100.bw_at(f_max)
+            u_comp = r["tokens_per_s"] * 2 * micro.active_params / H100.flops_at(f_max)
+            c = iteration_cost(micro, H100, 1, f_max, batch, 0.0)
+            alone_w = H100.busy_power_w(f_max, c.mem_s / c.time_s, c.comp_s / c.time_s)
+            alone_work = batch / c.time_s
+            twin_w = H100.busy_power_w(f_max, u_mem, u_comp)
+        elif "tflop_per_s" in r:
+            u_comp = 1.0
+            twin_w = H100.busy_power_w(mhz or f_max, 0.0, 1.0)  # at the clock the cap held
+            alone_w = H100.busy_power_w(f_max, 0.0, 1.0)  # the twin never caps: below 700 W
+            alone_work = H100.flops_at(f_max) / 1e12
+        else:
+            twin_w = H100.idle_w(mhz or H100.idle_clock_mhz)
+        print(
+            f"{name:<16}{meas_w:>8.0f}{fmt(mhz):>6}{fmt(work, '.0f'):>9}{twin_w:>12.0f}"
+            f"{u_mem:>7.2f}{u_comp:>7.3f}{fmt(alone_w):>12}{fmt(alone_work, '.0f'):>10}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.load_worker:
         run_load_worker(SCHEDULE, args.phase_s, args.marks, args.tiny)
         return 0
+    if args.twin_compare:
+        return twin_compare(args.twin_compare)
     if args.daemon_shim:
         return daemon_shim(args.rest, args.guard_log, args.fake)
     return run_check(args)
