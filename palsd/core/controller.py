@@ -24,7 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from palsd.core.learn import ModelParams, ResponseModel
-from palsd.core.safety import fit_to_budget, limit_raise
+from palsd.core.safety import (
+    excursion_w,
+    fit_to_budget,
+    limit_raise,
+    raise_into_free_power,
+)
 from palsd.core.slo import Headroom, describe, headroom
 from palsd.core.types import Decision, GpuObservation, Observation, ServerObservation
 
@@ -53,6 +58,13 @@ class JointParams:
     # Plan this share below the budget: the firmware's cap loop overshoots for a moment when
     # load jumps, so limits that sum exactly to the budget let the drawn power poke above it.
     budget_guard_frac: float = 0.02
+    # ... and the guard grows to what the host was recently seen to overshoot its limits by
+    # (sampled at ticks, so scaled up), remembered for excursion_memory_s; before anything has
+    # been seen (cold start) it is cold_guard_frac.
+    excursion_gain: float = 2.0
+    excursion_memory_s: float = 600.0
+    cold_guard_frac: float = 0.25  # at start and for cold_s after each budget change
+    cold_s: float = 60.0
     model: ModelParams = field(default_factory=ModelParams)
 
 
@@ -99,6 +111,26 @@ class JointController:
     def __init__(self, params: JointParams | None = None) -> None:
         self.params = params or JointParams()
         self._servers: dict[str, _ServerState] = {}
+        self._excursions: list[tuple[float, float]] = []  # (now_s, host excursion W), recent
+        self._cold_since_s: float | None = None
+        self._last_budget_w: float | None = None
+
+    def _guard_w(self, now_s: float, gpus: Sequence[GpuObservation], budget_w: float) -> float:
+        """Watts to plan below the budget: room for the cap loop's overshoot, learned online."""
+        p = self.params
+        if self._cold_since_s is None or budget_w != self._last_budget_w:
+            # A new budget: what the limits overshot under the old one says little about the
+            # new one (limits that did not bind never overshoot), so start cautious again.
+            self._cold_since_s = now_s
+            self._last_budget_w = budget_w
+        self._excursions.append((now_s, excursion_w(gpus)))
+        while self._excursions and now_s - self._excursions[0][0] > p.excursion_memory_s:
+            self._excursions.pop(0)
+        seen = max(e for _, e in self._excursions)
+        guard = max(p.budget_guard_frac * budget_w, p.excursion_gain * seen)
+        if now_s - self._cold_since_s < p.cold_s:
+            guard = max(guard, p.cold_guard_frac * budget_w)
+        return guard
 
     # -- per-server steps -------------------------------------------------------------------
 
@@ -282,7 +314,8 @@ class JointController:
         plan_w = budget_w
         if budget_w is not None and p.control_caps:  # static caps (batch_only) stay as PALS's
             sum_min = sum(g.min_limit_w for g in obs.gpus)
-            plan_w = max(min(budget_w, sum_min), budget_w * (1.0 - p.budget_guard_frac))
+            guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
+            plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
         bound = plan_w is not None and sum(wants.values()) > plan_w + 1e-6
         targets = dict(wants)
         if bound and plan_w is not None:
@@ -291,6 +324,16 @@ class JointController:
         targets = limit_raise(current, targets, p.max_raise_w_per_tick)
         fitted = fit_to_budget(targets, obs.gpus, plan_w)
         self._note_allocation(owner, fitted.limits_w, bound or fitted.scaled)
+        limits = fitted.limits_w
+        if p.control_caps:
+            # Hard rule: a raise only takes power that is free now, so a cap raised in the same
+            # tick as another is lowered waits until the lowered GPU has actually come down.
+            limits = raise_into_free_power(fitted.limits_w, obs.gpus, plan_w)
+            waiting = sorted(i for i, w in limits.items() if w < fitted.limits_w[i] - 0.5)
+            if waiting:
+                reasons.append(
+                    f"raises held back until lowered GPUs come down (drawn power): GPUs {waiting}"
+                )
 
         if fitted.infeasible:
             mode = "infeasible"
@@ -314,7 +357,7 @@ class JointController:
         else:
             mode = "efficiency"
         return Decision(
-            power_limits_w=fitted.limits_w,
+            power_limits_w=limits,
             batch_limits=batch,
             reasons=(*reasons, *status),
             mode=mode,

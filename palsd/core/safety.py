@@ -83,3 +83,65 @@ def limit_raise(
         now = current_w.get(index)
         out[index] = target if now is None or target <= now else min(target, now + max_raise_w)
     return out
+
+
+def drawn_power_w(gpu: GpuObservation) -> float:
+    """What a GPU draws now, for the free-power rule: the instant reading if present, else the
+    averaged one; a GPU whose power read failed counts at its current limit (it may draw that
+    much, and nothing says it does not)."""
+    if gpu.power_instant_w is not None:
+        return gpu.power_instant_w
+    if gpu.power_w is not None:
+        return gpu.power_w
+    return gpu.power_limit_w
+
+
+def power_committed_w(limits_w: Mapping[int, float], gpus: Sequence[GpuObservation]) -> float:
+    """sum over GPUs of max(limit, drawn): the power the host may draw at once, counting a GPU
+    whose limit was just lowered at what it still draws until its cap loop has brought it down.
+    A GPU missing from `limits_w` counts at its current limit."""
+    return sum(max(limits_w.get(g.index, g.power_limit_w), drawn_power_w(g)) for g in gpus)
+
+
+def raise_into_free_power(
+    target_w: Mapping[int, float], gpus: Sequence[GpuObservation], budget_w: float | None
+) -> dict[int, float]:
+    """Raises may only use power that is actually free. Lowerings and holds pass unchanged;
+    raises are granted (pro rata to what each asks, never above its target) only out of
+    budget - sum(max(limit, drawn)) counted with no raise at all, so a raised cap waits until
+    the GPUs whose caps were lowered have actually come down. When nothing is free, no limit
+    goes up. Afterwards, whenever some limit went up, power_committed_w(result) <= budget.
+    GPUs missing from `target_w` keep their current limit."""
+    current = {g.index: g.power_limit_w for g in gpus}
+    out = {i: target_w.get(i, c) for i, c in current.items()}
+    if budget_w is None:
+        return out
+    raised = [g for g in gpus if out[g.index] > g.power_limit_w]
+    if not raised:
+        return out
+    base = {i: min(w, current[i]) for i, w in out.items()}
+    free_w = budget_w - power_committed_w(base, gpus)
+    # What each raise adds to the committed sum if granted in full.
+    ask = {
+        g.index: max(out[g.index], drawn_power_w(g)) - max(g.power_limit_w, drawn_power_w(g))
+        for g in raised
+    }
+    total_ask = sum(ask.values())
+    if total_ask <= free_w:
+        return out
+    share = 0.0 if free_w <= 0 or total_ask <= 0 else free_w / total_ask
+    for g in raised:
+        if share <= 0.0:
+            out[g.index] = g.power_limit_w
+            continue
+        start = max(g.power_limit_w, drawn_power_w(g))
+        granted = floor_mw(min(out[g.index], start + ask[g.index] * share))
+        out[g.index] = max(g.power_limit_w, granted)
+    return out
+
+
+def excursion_w(gpus: Sequence[GpuObservation]) -> float:
+    """How far the host's drawn power is above the sum of its limits right now (0 if below):
+    the firmware's cap loop lets a GPU overshoot its limit until it has pulled the clock down,
+    so a plan that puts the limits' sum at the budget lets the drawn power poke above it."""
+    return max(0.0, sum(drawn_power_w(g) - g.power_limit_w for g in gpus))

@@ -114,7 +114,7 @@ def run_policy(policy: str, scenario_name: str, hours: float, seed: int, model: 
     setup = MODELS[model]
     scenario = build_scenario(scenario_name, seed)
     duration_s = hours * 3600.0
-    host = build_host(setup, seed)
+    host = build_host(setup, scenario, seed)
     ctrl = POLICIES[policy]()
     res = RunResult(policy=policy)
     tl: dict[str, list[float]] = {

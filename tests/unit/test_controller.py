@@ -213,3 +213,33 @@ def test_weighted_fill_respects_budget_and_urgency():
     assert sum(alloc.values()) == pytest.approx(800.0)
     assert alloc[0] == pytest.approx(200.0 + 400.0 * 0.75)
     assert weighted_fill(gpus, {0: 250.0, 1: 300.0}, {}, 800.0) == {0: 250.0, 1: 300.0}
+
+
+# Only the free-power rule under test: no guard band below the budget.
+NO_GUARD = JointParams(budget_guard_frac=0.0, excursion_gain=0.0, cold_guard_frac=0.0)
+
+
+def test_a_raise_waits_until_the_lowered_gpu_has_come_down():
+    ctrl = JointController(NO_GUARD)
+    servers = [server("hot", (0,), signals(itl_s=0.15)), server("idle", (1,), signals(itl_s=0.02))]
+    # GPU 1's limit was just lowered to 300 W but it still draws 600 W; GPU 0 misses its SLO.
+    before = obs(10.0, [gpu(0, 290.0, limit_w=300.0), gpu(1, 600.0, limit_w=300.0)], servers, 900.0)
+    decision = ctrl.decide(before)
+    assert decision.power_limits_w[0] == 300.0  # 900 - 600 drawn leaves nothing for a raise
+    assert any("raises held back" in r for r in decision.reasons)
+    after = obs(12.0, [gpu(0, 290.0, limit_w=300.0), gpu(1, 290.0, limit_w=300.0)], servers, 900.0)
+    decision = ctrl.decide(after)
+    assert decision.power_limits_w[0] > 300.0
+    assert decision.power_limits_w[0] + max(decision.power_limits_w[1], 290.0) <= 900.0
+
+
+def test_the_plan_keeps_below_the_budget_what_the_host_overshot_its_limits_by():
+    params = JointParams(cold_s=0.0, budget_guard_frac=0.0, excursion_gain=2.0)
+    ctrl = JointController(params)
+    hot = [server("s0", (0, 1), signals(itl_s=0.15))]  # wants every watt it can get
+    # At t=0 the pair draws 50 W above its limits (the cap loop has not caught a burst yet).
+    ctrl.decide(obs(0.0, [gpu(0, 325.0, limit_w=300.0), gpu(1, 325.0, limit_w=300.0)], hot, 700))
+    decision = ctrl.decide(
+        obs(2.0, [gpu(0, 290.0, limit_w=300.0), gpu(1, 290.0, limit_w=300.0)], hot, 700)
+    )
+    assert sum(decision.power_limits_w.values()) <= 700.0 - 2.0 * 50.0 + 1e-6

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from palsd.core.controller import JointController
-from palsd.core.safety import order_writes
+from palsd.core.safety import order_writes, power_committed_w
 from palsd.core.types import GpuObservation, Observation, ServerObservation
 from tests.unit.test_controller_fixtures import gpu, obs, server, signals
 
@@ -58,6 +58,9 @@ def check(obs_: Observation, ctrl: JointController) -> None:
     if budget is not None and sum_min <= budget:
         assert not decision.infeasible
         assert sum(limits.values()) <= budget + 1e-9
+        # A raise only ever takes power that is free: lowered GPUs count at what they draw.
+        if any(limits[g.index] > g.power_limit_w for g in obs_.gpus):
+            assert power_committed_w(limits, obs_.gpus) <= budget + 1e-6
     if budget is not None and sum_min > budget:
         assert decision.infeasible and decision.mode == "infeasible"
         assert all(limits[g.index] == g.min_limit_w for g in obs_.gpus)
