@@ -11,6 +11,7 @@ bandwidth and FLOPs over compute at the current clock, plus a fixed per-iteratio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from palsd.sim.gpu_model import GpuSpec
 
@@ -32,20 +33,20 @@ class ModelSpec:
     default_tp: int
     max_model_len: int = 32768
 
-    @property
+    @cached_property
     def routed_params(self) -> float:
         return self.layers * self.experts * self.expert_params
 
-    @property
+    @cached_property
     def fixed_params(self) -> float:
         """Parameters every token reads: attention, embeddings, norms, shared experts."""
         return self.total_params - self.routed_params
 
-    @property
+    @cached_property
     def active_params(self) -> float:
         return self.fixed_params + self.layers * self.top_k * self.expert_params
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * BYTES_PER_PARAM
 

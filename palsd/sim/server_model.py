@@ -75,7 +75,6 @@ class ServerSim:
         self.kv_capacity = model.kv_capacity_tokens(gpu, self.tp)
         self.t = 0.0
         self._stream = stream
-        self._next = stream.next_arrival()
         self._seq = 0
         self.waiting: deque[Req] = deque()
         self.prefilling: list[Req] = []
@@ -129,13 +128,12 @@ class ServerSim:
 
     # ---- the scheduler ------------------------------------------------------------------------
     def _pull_arrivals(self) -> None:
-        nxt = self._next
-        while nxt.arrival_s <= self.t and len(self.waiting) < MAX_WAITING:
+        stream = self._stream
+        while len(self.waiting) < MAX_WAITING and stream.peek(self.t) is not None:
+            nxt = stream.pop()
             self._seq += 1
             self.waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens,
                                     nxt.output_tokens))
-            nxt = self._stream.next_arrival()
-        self._next = nxt
 
     def _admit(self) -> None:
         room = self.kv_capacity - self.kv_used - sum(r.prefill_left for r in self.prefilling)
@@ -216,7 +214,8 @@ class ServerSim:
             self._pull_arrivals()
             self._admit()
             if not self.prefilling and self.n_dec == 0:
-                self.t = min(t_end, self._next.arrival_s) if not self.waiting else t_end
+                nxt = None if self.waiting else self._stream.peek(t_end)
+                self.t = t_end if nxt is None else max(self.t, nxt.arrival_s)
                 continue
             if self.prefilling:
                 self._prefill_iteration(use, clock_mhz)
@@ -234,7 +233,9 @@ class ServerSim:
                     max(1, math.ceil((t_end - self.t) / t_iter)))
             if not self.waiting and self.running < self.limit:
                 # a new arrival could join at once: end the span there
-                k = min(k, max(1, math.ceil((self._next.arrival_s - self.t) / t_iter)))
+                nxt = self._stream.peek(t_end)
+                if nxt is not None:
+                    k = min(k, max(1, math.ceil((nxt.arrival_s - self.t) / t_iter)))
             k = max(1, k)
             if k > 8:  # contexts grow during the span: cost it at its middle
                 cost = iteration_cost(model, gpu, tp, clock_mhz, n, ctx + n * k / 2)

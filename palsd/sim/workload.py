@@ -43,8 +43,14 @@ DEFAULT_OUTPUT = LengthDist(median=192, sigma=0.8, lo=8, hi=2048)
 
 
 class ArrivalStream(Protocol):
-    def next_arrival(self) -> Arrival:
-        """The next request, arrival times non-decreasing. Infinite."""
+    """Arrivals in time order, generated lazily so a rate may drop to zero for good."""
+
+    def peek(self, until_s: float) -> Arrival | None:
+        """The next arrival if it comes at or before until_s (not consumed), else None."""
+        ...
+
+    def pop(self) -> Arrival:
+        """Consume the arrival the last `peek` returned."""
         ...
 
 
@@ -56,27 +62,55 @@ def _rng(seed: int, server: int, salt: int) -> random.Random:
     return random.Random(seed * 1_000_003 + server * 7919 + salt)
 
 
-class _RateStream:
-    """Non-homogeneous Poisson by Ogata thinning against a running rate bound."""
+class _LazyStream:
+    """Holds the one arrival generated ahead; subclasses generate up to a horizon. The order
+    of random draws does not depend on the horizons asked for, so any step size gives the
+    same arrivals."""
+
+    def __init__(self) -> None:
+        self._pending: Arrival | None = None
+
+    def _generate(self, until_s: float) -> Arrival | None:
+        raise NotImplementedError
+
+    def peek(self, until_s: float) -> Arrival | None:
+        if self._pending is None:
+            self._pending = self._generate(until_s)
+        pending = self._pending
+        return pending if pending is not None and pending.arrival_s <= until_s else None
+
+    def pop(self) -> Arrival:
+        pending = self._pending
+        if pending is None:
+            raise LookupError("pop() without a peeked arrival")
+        self._pending = None
+        return pending
+
+
+class _RateStream(_LazyStream):
+    """Non-homogeneous Poisson by thinning against a rate bound (Lewis-Shedler)."""
 
     def __init__(self, rate: RateFn, rate_max: float, prompt: LengthDist, output: LengthDist,
                  rng: random.Random) -> None:
+        super().__init__()
         self._rate = rate
         self._rate_max = rate_max
         self._prompt = prompt
         self._output = output
         self._rng = rng
-        self._t = 0.0
+        self._candidate = rng.expovariate(rate_max)
 
-    def next_arrival(self) -> Arrival:
+    def _generate(self, until_s: float) -> Arrival | None:
         rng = self._rng
-        while True:
-            self._t += rng.expovariate(self._rate_max)
-            r = self._rate(self._t)
-            if r > self._rate_max:  # the bound was wrong: raise it and go on (rare)
+        while self._candidate <= until_s:
+            t = self._candidate
+            self._candidate = t + rng.expovariate(self._rate_max)
+            r = self._rate(t)
+            if r > self._rate_max:  # the bound was wrong: raise it (rare; keeps going)
                 self._rate_max = r * 1.5
             if rng.random() * self._rate_max <= r:
-                return Arrival(self._t, self._prompt.draw(rng), self._output.draw(rng))
+                return Arrival(t, self._prompt.draw(rng), self._output.draw(rng))
+        return None
 
 
 @dataclass(frozen=True)
@@ -130,27 +164,33 @@ def VaryingWorkload(  # reads as a class at call sites, like the other workloads
     )
 
 
-class _BurstyStream:
+class _BurstyStream(_LazyStream):
     def __init__(self, w: BurstyWorkload, rng: random.Random) -> None:
+        super().__init__()
         self._w = w
         self._rng = rng
-        self._t = 0.0
         self._high = False
         self._switch_at = rng.expovariate(1.0 / w.low_mean_s)
+        self._candidate = self._draw_gap(0.0)
 
-    def next_arrival(self) -> Arrival:
+    def _draw_gap(self, t: float) -> float:
+        rate = self._w.high_rate_per_s if self._high else self._w.low_rate_per_s
+        return t + self._rng.expovariate(rate) if rate > 0 else math.inf
+
+    def _generate(self, until_s: float) -> Arrival | None:
         w, rng = self._w, self._rng
-        while True:
-            rate = w.high_rate_per_s if self._high else w.low_rate_per_s
-            gap = rng.expovariate(rate) if rate > 0 else math.inf
-            if self._t + gap < self._switch_at:
-                self._t += gap
-                return Arrival(self._t, w.prompt.draw(rng), w.output.draw(rng))
+        while min(self._candidate, self._switch_at) <= until_s:
+            if self._candidate < self._switch_at:
+                t = self._candidate
+                self._candidate = self._draw_gap(t)
+                return Arrival(t, w.prompt.draw(rng), w.output.draw(rng))
             # memoryless: drop the partial gap and redraw in the new state
-            self._t = self._switch_at
+            t = self._switch_at
             self._high = not self._high
             mean = w.high_mean_s if self._high else w.low_mean_s
-            self._switch_at = self._t + rng.expovariate(1.0 / mean)
+            self._switch_at = t + rng.expovariate(1.0 / mean)
+            self._candidate = self._draw_gap(t)
+        return None
 
 
 @dataclass(frozen=True)
@@ -184,11 +224,14 @@ class BacklogWorkload:
     output: LengthDist = DEFAULT_OUTPUT
 
     def stream(self, server: int, seed: int) -> ArrivalStream:
-        rng = _rng(seed, server, 3)
-        w = self
+        return _BacklogStream(self, _rng(seed, server, 3))
 
-        class _Backlog:
-            def next_arrival(self) -> Arrival:
-                return Arrival(0.0, w.prompt.draw(rng), w.output.draw(rng))
 
-        return _Backlog()
+class _BacklogStream(_LazyStream):
+    def __init__(self, w: BacklogWorkload, rng: random.Random) -> None:
+        super().__init__()
+        self._w = w
+        self._rng = rng
+
+    def _generate(self, until_s: float) -> Arrival | None:
+        return Arrival(0.0, self._w.prompt.draw(self._rng), self._w.output.draw(self._rng))
