@@ -152,11 +152,16 @@ class Daemon:
             if elapsed > self.period_s:
                 self.metrics.tick_overruns.inc()
             self._wake.clear()
+            timeout = max(0.0, self.period_s - elapsed)
+            now = self.clock()
+            expiry = self.book.next_expiry(now)
+            if expiry is not None:
+                # A budget that expires may hand over to a lower one (facility -> fallback):
+                # tick right then rather than up to a period later.
+                timeout = min(timeout, max(0.0, expiry - now))
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
             _, pending = await asyncio.wait(
-                waiters,
-                timeout=max(0.0, self.period_s - elapsed),
-                return_when=asyncio.FIRST_COMPLETED,
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             for p in pending:
                 p.cancel()
