@@ -220,9 +220,9 @@ class Daemon:
                 for g in self.gpus
             )
         self.log.info(
-            "power_limits_applied",
+            # A distinct event in dry run, so nobody reads would-be limits as real writes.
+            "power_limits_would_apply" if self.actuator.dry_run else "power_limits_applied",
             trigger=trigger,
-            dry_run=self.actuator.dry_run,
             budget_w=budget.effective_w,
             budget_source=budget.source.value,
             budget_seq=budget.seq,

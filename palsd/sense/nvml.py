@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pynvml
@@ -73,6 +74,7 @@ class NvmlBackend:
         self._static: dict[int, tuple[str, str, float, float, float]] = {}
         self._wanted = list(indices) if indices is not None else None
         self._started = False
+        self._executor: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         _call("nvmlInit", pynvml.nvmlInit)
@@ -153,7 +155,18 @@ class NvmlBackend:
         if not self._started:
             self.start()
         with self._lock:
-            return [self.read(i) for i in self._handles]
+            if len(self._handles) == 1:
+                return [self.read(i) for i in self._handles]
+            # One GPU's reads cost ~4 ms on an H100 (the energy counter dominates): read the
+            # GPUs side by side so a tick costs one GPU's reads, not the sum over eight.
+            return list(self._pool().map(self.read, self._handles))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=len(self._handles), thread_name_prefix="nvml-read"
+            )
+        return self._executor
 
     def clock_event_reasons(self, index: int) -> int | None:
         handle = self._handles[index]
@@ -171,6 +184,9 @@ class NvmlBackend:
         )
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if self._started:
             self._started = False
             try:
