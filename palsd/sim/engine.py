@@ -2,9 +2,9 @@
 
 The only way time moves is `step(dt_s)`; nothing here reads a clock, so the same engine runs
 under the real-time shell (`palsd sim-host`) and in the virtual-time runner (`palsd simulate`).
-Internally time advances in quanta of at most `quantum_s` (50 ms): in each quantum every server
-runs its iterations at its group's clock, then every GPU is charged the energy of that work and
-its power-cap loop moves the clock for the next quantum.
+Internally time advances in quanta of at most `quantum_s` (100 ms, one NVML bin): in each
+quantum every server runs its iterations at its group's clock, then every GPU is charged the
+energy of that work and its power-cap loop moves the clock for the next quantum.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class TwinHost:
         max_num_seqs: int = 256,
         initial_batch_limit: int | None = None,
         tp: int | None = None,
-        quantum_s: float = 0.05,
+        quantum_s: float = 0.1,
         max_batched_tokens: int = 8192,
         history_s: float = 900.0,
         epoch_s: float = 0.0,
