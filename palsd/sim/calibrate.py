@@ -293,6 +293,10 @@ def speed(seconds: float = 600.0) -> float:
     return seconds / (time.perf_counter() - t0)
 
 
+MARK_OPEN = "<!-- calibration-table"
+MARK_CLOSE = "<!-- /calibration-table -->"
+
+
 def table(checks: list[Check] | None = None) -> str:
     rows = ["| point | source | twin | tolerance | verdict |", "|---|---|---|---|---|"]
     for c in checks if checks is not None else [fn() for fn in CHECKS]:
@@ -309,7 +313,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m palsd.sim.calibrate", description=__doc__)
     parser.add_argument("--speed", action="store_true", help="measure engine speed only")
     parser.add_argument("--seconds", type=float, default=600.0, help="virtual seconds for --speed")
+    parser.add_argument("--update-doc", metavar="MD", help="rewrite the table between the "
+                        "calibration-table markers of this markdown file")
     args = parser.parse_args()
+    if args.update_doc:
+        with open(args.update_doc) as f:
+            text = f.read()
+        head, sep, rest = text.partition(MARK_OPEN)
+        _, sep2, tail = rest.partition(MARK_CLOSE)
+        if not (sep and sep2):
+            print(f"{args.update_doc}: no calibration-table markers")
+            return 2
+        line_end = rest.index("\n") + 1
+        with open(args.update_doc, "w") as f:
+            f.write(head + sep + rest[:line_end] + table() + "\n" + sep2 + tail)
+        return 0
     if args.speed:
         x = speed(args.seconds)
         print(f"8 x H100, 4 x Mixtral-8x7B TP=2, default Poisson load: {args.seconds:.0f} "

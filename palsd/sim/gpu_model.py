@@ -102,6 +102,7 @@ A100 = GpuSpec(
 
 GPU_PRESETS: dict[str, GpuSpec] = {"h100": H100, "a100": A100}
 
+IDLE_HOLD_S = 0.5  # a GPU keeps its clock this long after its last work before dropping it
 BIN_S = 0.1  # NVML updates its averaged reading every 100 ms ...
 AVG_BINS = 10  # ... over a 1 s window
 
@@ -121,6 +122,7 @@ class GpuState:
         self._bins: deque[float] = deque([self.power_instant_w] * AVG_BINS, maxlen=AVG_BINS)
         self._bin_energy_j = 0.0
         self._bin_elapsed_s = 0.0
+        self._idle_run_s = IDLE_HOLD_S  # starts idle, clock already down
 
     @property
     def power_avg_w(self) -> float:
@@ -142,11 +144,15 @@ class GpuState:
         spec = self.spec
         idle_s = max(0.0, dt_s - busy_s)
         p_busy = spec.busy_power_w(clock_mhz, u_mem, u_comp) if busy_s > 0 else 0.0
-        p_idle = spec.idle_w(spec.idle_clock_mhz)
-        energy = p_busy * busy_s + p_idle * idle_s
+        # gaps between iterations cost idle power at the working clock; only a GPU idle for
+        # IDLE_HOLD_S drops to its idle clock (75 W on an H100 instead of ~121 W)
+        self._idle_run_s = 0.0 if busy_s > 0 else self._idle_run_s + dt_s
+        held = self._idle_run_s < IDLE_HOLD_S
+        idle_clock = clock_mhz if held else spec.idle_clock_mhz
+        energy = p_busy * busy_s + spec.idle_w(idle_clock) * idle_s
         self.energy_j += energy
-        self.power_instant_w = p_busy if busy_s > 0.5 * dt_s else energy / dt_s
-        self.current_clock_mhz = clock_mhz if busy_s > 0 else spec.idle_clock_mhz
+        self.power_instant_w = energy / dt_s
+        self.current_clock_mhz = idle_clock if busy_s <= 0 else clock_mhz
         self._feed_bins(energy / dt_s, dt_s)
         self._regulate(dt_s, p_busy if busy_s > 0 else None)
 
