@@ -158,6 +158,8 @@ class ServerSim:
         self._ctx_base += req.ctx - self.g
         heapq.heappush(self._heap, (req.finish_g, req.seq, req))
         self._order.append(req)
+        if len(self._order) > 2 * self.n_dec + 64:  # drop finished entries now and then
+            self._order = [r for r in self._order if r.live]
 
     def _leave_decode(self, req: Req) -> None:
         req.live = False
