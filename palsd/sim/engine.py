@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from palsd.core.types import GpuObservation, Quantiles, ServerSignals
 from palsd.sim.gpu_model import GPU_PRESETS, GpuState
 from palsd.sim.models import MODEL_PRESETS
-from palsd.sim.records import RequestRecord, weighted_quantile
+from palsd.sim.records import RequestRecord, weighted_quantiles
 from palsd.sim.server_model import ServerSim
 from palsd.sim.vllm_metrics import render_metrics
 from palsd.sim.workload import PoissonWorkload, Workload
@@ -192,8 +192,5 @@ class TwinHost:
 def _quantiles(samples: list[tuple[float, float]]) -> Quantiles:
     if not samples:
         return Quantiles()
-    return Quantiles(
-        p50=weighted_quantile(samples, 0.5),
-        p90=weighted_quantile(samples, 0.9),
-        p99=weighted_quantile(samples, 0.99),
-    )
+    p50, p90, p99 = weighted_quantiles(samples, (0.5, 0.9, 0.99))
+    return Quantiles(p50=p50, p90=p90, p99=p99)

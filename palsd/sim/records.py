@@ -75,21 +75,30 @@ class RequestRecord:
         return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
 
-def weighted_quantile(samples: list[tuple[float, float]], q: float) -> float | None:
-    """q-quantile of (value, weight) samples; None when empty."""
+def weighted_quantiles(samples: list[tuple[float, float]],
+                       qs: tuple[float, ...]) -> list[float | None]:
+    """The qs-quantiles (ascending) of (value, weight) samples, with one sort."""
     if not samples:
-        return None
+        return [None] * len(qs)
     ordered = sorted(samples)
     total = sum(w for _, w in ordered)
     if total <= 0:
-        return None
-    target = q * total
+        return [None] * len(qs)
+    out: list[float | None] = []
     acc = 0.0
-    for value, weight in ordered:
-        acc += weight
-        if acc >= target:
-            return value
-    return ordered[-1][0]
+    i = 0
+    for q in qs:
+        target = q * total
+        while i < len(ordered) - 1 and acc + ordered[i][1] < target:
+            acc += ordered[i][1]
+            i += 1
+        out.append(ordered[i][0])
+    return out
+
+
+def weighted_quantile(samples: list[tuple[float, float]], q: float) -> float | None:
+    """q-quantile of (value, weight) samples; None when empty."""
+    return weighted_quantiles(samples, (q,))[0]
 
 
 class TimedSamples:

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from palsd.sim.engine import TwinHost
 from palsd.sim.gpu_model import H100, GpuState
 from palsd.sim.models import MIXTRAL_8X7B, QWEN_MOE
-from palsd.sim.records import ITL_BUCKETS, REQUEST_BUCKETS, TTFT_BUCKETS
+from palsd.sim.records import ITL_BUCKETS, REQUEST_BUCKETS, TTFT_BUCKETS, weighted_quantiles
 from palsd.sim.workload import (
     Arrival,
     ArrivalStream,
@@ -240,3 +240,16 @@ def test_time_varying_and_bursty_rates() -> None:
     in_trough = sum(1 for t in vt if 400 <= t < 500)
     at_peak = sum(1 for t in vt if 100 <= t < 200)
     assert at_peak > 3 * in_trough
+
+
+@pytest.mark.parametrize(
+    ("samples", "want"),
+    [
+        ([], [None, None, None]),
+        ([(0.2, 1.0)], [0.2, 0.2, 0.2]),
+        ([(0.1, 1.0), (0.3, 1.0), (0.2, 1.0), (0.4, 1.0)], [0.2, 0.4, 0.4]),
+        ([(0.01, 90.0), (1.0, 10.0)], [0.01, 0.01, 1.0]),  # weights are token counts
+    ],
+)
+def test_weighted_quantiles(samples: list[tuple[float, float]], want: list[float | None]) -> None:
+    assert weighted_quantiles(samples, (0.5, 0.9, 0.99)) == want
