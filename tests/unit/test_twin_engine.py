@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from palsd.sim.engine import TwinHost
@@ -253,3 +255,26 @@ def test_time_varying_and_bursty_rates() -> None:
 )
 def test_weighted_quantiles(samples: list[tuple[float, float]], want: list[float | None]) -> None:
     assert weighted_quantiles(samples, (0.5, 0.9, 0.99)) == want
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 3.0), st.integers(0, 1), st.floats(200, 700),
+                          st.integers(1, 256)), min_size=1, max_size=12))
+def test_counters_never_run_backwards_whatever_the_knobs_do(
+    actions: list[tuple[float, int, float, int]],
+) -> None:
+    host = TwinHost(n_gpus=2, workload=PoissonWorkload(12.0), seed=4)
+    energy = tokens = 0.0
+    for dt, gpu, cap, limit in actions:
+        host.set_power_limit_w(gpu, cap)
+        host.set_batch_limit(0, limit)
+        host.step(dt)
+        state = host.batch_state(0)
+        assert state["limit"] == limit and state["running"] <= 256
+        assert host.energy_j_total() >= energy and host.tokens_generated_total(0) >= tokens
+        energy, tokens = host.energy_j_total(), host.tokens_generated_total(0)
+        for g in host.gpu_readings():
+            assert g.power_w is not None and 70 <= g.power_w <= 700 * 1.3
+            assert g.sm_clock_mhz is not None and 0 < g.sm_clock_mhz <= H100.max_clock_mhz
+        sig = host.server_signals(0, 1.0)
+        assert sig.kv_cache_usage is not None and 0 <= sig.kv_cache_usage <= 1
