@@ -41,10 +41,14 @@ def _fmt_range(values: list[float], unit: str) -> str:
 def hw_limits() -> Check:
     h = (H100.min_limit_w, H100.max_limit_w, H100.default_limit_w)
     a = (A100.min_limit_w, A100.max_limit_w, A100.default_limit_w)
-    return Check("limits", "H100 limits 200..700 W, default 700; A100 100..400 W",
-                 "NVML on a real H100; nvidia-smi dumps",
-                 f"H100 {h[0]:.0f}..{h[1]:.0f} (default {h[2]:.0f}); A100 {a[0]:.0f}..{a[1]:.0f}",
-                 "exact", h == (200, 700, 700) and a[:2] == (100, 400))
+    return Check(
+        "limits",
+        "H100 limits 200..700 W, default 700; A100 100..400 W",
+        "NVML on a real H100; nvidia-smi dumps",
+        f"H100 {h[0]:.0f}..{h[1]:.0f} (default {h[2]:.0f}); A100 {a[0]:.0f}..{a[1]:.0f}",
+        "exact",
+        h == (200, 700, 700) and a[:2] == (100, 400),
+    )
 
 
 def hw_idle() -> Check:
@@ -53,24 +57,36 @@ def hw_idle() -> Check:
     g = host.gpu_readings()[0]
     idle_max = H100.idle_w(H100.max_clock_mhz)
     a_idle = A100.idle_w(A100.idle_clock_mhz)
-    ok = (abs((g.power_w or 0) - 75) <= 3 and 119 <= idle_max <= 123 and 52 <= a_idle <= 68
-          and g.sm_clock_mhz == 345)
-    return Check("idle", "H100 idle 75 W at 345 MHz; 119-123 W at 1980 MHz; A100 idle 52-68 W",
-                 "nvidia-smi dumps; measured",
-                 f"H100 {g.power_w:.1f} W at {g.sm_clock_mhz:.0f} MHz (an idle twin), "
-                 f"{idle_max:.1f} W at 1980 MHz; A100 {a_idle:.1f} W",
-                 "±3 W; inside the ranges", ok)
+    ok = (
+        abs((g.power_w or 0) - 75) <= 3
+        and 119 <= idle_max <= 123
+        and 52 <= a_idle <= 68
+        and g.sm_clock_mhz == 345
+    )
+    return Check(
+        "idle",
+        "H100 idle 75 W at 345 MHz; 119-123 W at 1980 MHz; A100 idle 52-68 W",
+        "nvidia-smi dumps; measured",
+        f"H100 {g.power_w:.1f} W at {g.sm_clock_mhz:.0f} MHz (an idle twin), "
+        f"{idle_max:.1f} W at 1980 MHz; A100 {a_idle:.1f} W",
+        "±3 W; inside the ranges",
+        ok,
+    )
 
 
 def hw_memory_compute() -> Check:
     bw = H100.mem_bw_bytes_per_s / 1e12
     fl = H100.flops_per_s / 1e12
     ok = abs(bw - 3.0) / 3.0 <= 0.05 and 0.8 <= fl / 790 <= 1.0
-    return Check("bw_flops", "HBM3 3.35 TB/s (copy ~3.0 TB/s); bf16 GEMM 780-800 TFLOP/s",
-                 "datasheet; measured",
-                 f"{bw:.2f} TB/s achievable; {fl:.0f} TFLOP/s",
-                 "bandwidth ±5% of the measured copy; compute 80-100% of measured GEMM", ok,
-                 "compute derated to 700 TFLOP/s: serving GEMMs are smaller than the benchmark's")
+    return Check(
+        "bw_flops",
+        "HBM3 3.35 TB/s (copy ~3.0 TB/s); bf16 GEMM 780-800 TFLOP/s",
+        "datasheet; measured",
+        f"{bw:.2f} TB/s achievable; {fl:.0f} TFLOP/s",
+        "bandwidth ±5% of the measured copy; compute 80-100% of measured GEMM",
+        ok,
+        "compute derated to 700 TFLOP/s: serving GEMMs are smaller than the benchmark's",
+    )
 
 
 def nvml_averaging() -> Check:
@@ -87,11 +103,15 @@ def nvml_averaging() -> Check:
     changes = sum(1 for a, b in itertools.pairwise(readings) if a != b)
     reach = next(i for i, r in enumerate(readings) if r >= before + 0.95 * (final - before))
     ok = 8 <= reach <= 20 and changes <= 16 and abs(instant - final) < 1
-    return Check("nvml_avg", "NVML power: 1 s moving average, 100 ms update; instant available",
-                 "measured on H100",
-                 f"after a load step the average moves every 100 ms, reaches 95% after "
-                 f"{(reach + 1) * 0.05:.2f} s",
-                 "95% reached in 0.45-1.05 s; updates only on 100 ms bins", ok)
+    return Check(
+        "nvml_avg",
+        "NVML power: 1 s moving average, 100 ms update; instant available",
+        "measured on H100",
+        f"after a load step the average moves every 100 ms, reaches 95% after "
+        f"{(reach + 1) * 0.05:.2f} s",
+        "95% reached in 0.45-1.05 s; updates only on 100 ms bins",
+        ok,
+    )
 
 
 DECODE_MODELS = (("mixtral-8x7b", MIXTRAL_8X7B), ("qwen-moe", QWEN_MOE), ("dense-8b", DENSE_8B))
@@ -100,17 +120,31 @@ DECODE_MODELS = (("mixtral-8x7b", MIXTRAL_8X7B), ("qwen-moe", QWEN_MOE), ("dense
 def decode_power() -> Check:
     per_gpu = [decode("h100", k, b).per_gpu_w for k, _ in DECODE_MODELS for b in (1, 4, 16, 64)]
     ok = all(137 <= p <= 300 for p in per_gpu)
-    return Check("decode_power", "decode draws far below TDP: 137-300 W",
-                 "arXiv 2605.11999 (H200)", f"H100 decode, batch 1-64, 3 models: "
-                 f"{_fmt_range(per_gpu, 'W')} per GPU", "every value in 137-300 W", ok)
+    return Check(
+        "decode_power",
+        "decode draws far below TDP: 137-300 W",
+        "arXiv 2605.11999 (H200)",
+        f"H100 decode, batch 1-64, 3 models: {_fmt_range(per_gpu, 'W')} per GPU",
+        "every value in 137-300 W",
+        ok,
+    )
 
 
 def cap_280_not_binding() -> Check:
-    ratios = [decode("h100", k, b, cap_w=280 * m.default_tp).tokens_per_s
-              / decode("h100", k, b).tokens_per_s for k, m in DECODE_MODELS for b in (1, 16, 64)]
-    return Check("cap_280", "power caps >= 280 W do not bind in decode", "arXiv 2605.11999",
-                 f"throughput at a 280 W cap: {min(ratios):.3f}-{max(ratios):.3f} of uncapped",
-                 ">= 0.99 of uncapped, batch 1-64", min(ratios) >= 0.99)
+    ratios = [
+        decode("h100", k, b, cap_w=280 * m.default_tp).tokens_per_s
+        / decode("h100", k, b).tokens_per_s
+        for k, m in DECODE_MODELS
+        for b in (1, 16, 64)
+    ]
+    return Check(
+        "cap_280",
+        "power caps >= 280 W do not bind in decode",
+        "arXiv 2605.11999",
+        f"throughput at a 280 W cap: {min(ratios):.3f}-{max(ratios):.3f} of uncapped",
+        ">= 0.99 of uncapped, batch 1-64",
+        min(ratios) >= 0.99,
+    )
 
 
 def clock_lock_saving() -> Check:
@@ -120,10 +154,14 @@ def clock_lock_saving() -> Check:
         p = decode("h100", "mixtral-8x7b", 64, clock_mhz=f)
         if p.tokens_per_s >= 0.97 * base.tokens_per_s:
             best = max(best, 1 - p.joules_per_token / base.joules_per_token)
-    return Check("clock_lock", "locking clocks lower saves up to 32% of decode energy with "
-                 "minimal throughput loss", "arXiv 2605.11999",
-                 f"Mixtral batch 64: {best:.0%} less energy/token at <= 3% throughput loss",
-                 "15-40%", 0.15 <= best <= 0.40)
+    return Check(
+        "clock_lock",
+        "locking clocks lower saves up to 32% of decode energy with minimal throughput loss",
+        "arXiv 2605.11999",
+        f"Mixtral batch 64: {best:.0%} less energy/token at <= 3% throughput loss",
+        "15-40%",
+        0.15 <= best <= 0.40,
+    )
 
 
 def mlenergy_logistic() -> Check:
@@ -132,31 +170,48 @@ def mlenergy_logistic() -> Check:
     rel = [twin[b] / fit[b] - 1 for b in fit]
     values = ", ".join(f"b{b}: {twin[b]:.0f} vs {fit[b]:.0f}" for b in fit)
     rising = all(twin[a] < twin[b] for a, b in zip(list(fit), list(fit)[1:], strict=False))
-    return Check("mlenergy_pb", "H100 serving P(b) = 300 + 300/(1+exp(-(log2 b - 4.2))) W",
-                 "ML.ENERGY v3 as fitted by others",
-                 f"dense-8B serving, W per GPU: {values} ({min(rel):+.0%}..{max(rel):+.0%})",
-                 "±25% at every batch, rising with batch",
-                 rising and all(abs(r) <= 0.25 for r in rel),
-                 "the twin follows arXiv 2605.11999 (decode 137-300 W); its serving power rises "
-                 "with batch like the fit but sits 10-35% below it at batch 1-32")
+    return Check(
+        "mlenergy_pb",
+        "H100 serving P(b) = 300 + 300/(1+exp(-(log2 b - 4.2))) W",
+        "ML.ENERGY v3 as fitted by others",
+        f"dense-8B serving, W per GPU: {values} ({min(rel):+.0%}..{max(rel):+.0%})",
+        "±25% at every batch, rising with batch",
+        rising and all(abs(r) <= 0.25 for r in rel),
+        "the twin follows arXiv 2605.11999 (decode 137-300 W); its serving power rises "
+        "with batch like the fit but sits 10-35% below it at batch 1-32",
+    )
 
 
 def batch_1_to_32() -> Check:
     d1 = decode("h100", "dense-8b", 1).joules_per_token
     d32 = decode("h100", "dense-8b", 32).joules_per_token
-    m = decode("h100", "mixtral-8x7b", 1).joules_per_token / decode(
-        "h100", "mixtral-8x7b", 32).joules_per_token
-    return Check("batch_1_32", "decode batch 1 -> 32 cuts energy/token by more than 20x",
-                 "arXiv 2605.11999", f"dense-8B: {d1 / d32:.1f}x (Mixtral: {m:.1f}x, it reads "
-                 "4x more experts at batch 32)", "> 20x for the dense model", d1 / d32 > 20)
+    m = (
+        decode("h100", "mixtral-8x7b", 1).joules_per_token
+        / decode("h100", "mixtral-8x7b", 32).joules_per_token
+    )
+    return Check(
+        "batch_1_32",
+        "decode batch 1 -> 32 cuts energy/token by more than 20x",
+        "arXiv 2605.11999",
+        f"dense-8B: {d1 / d32:.1f}x (Mixtral: {m:.1f}x, it reads 4x more experts at batch 32)",
+        "> 20x for the dense model",
+        d1 / d32 > 20,
+    )
 
 
 def larger_batches() -> Check:
-    r = serve("h100", "dense-8b", 16).joules_per_token / serve(
-        "h100", "dense-8b", 256).joules_per_token
-    return Check("batch_3_5x", "larger batches cut energy/token 3-5x", "ML.ENERGY leaderboard v3",
-                 f"dense-8B serving, batch 16 -> 256: {r:.1f}x", "3-5x ±30% (2.1-6.5x)",
-                 2.1 <= r <= 6.5)
+    r = (
+        serve("h100", "dense-8b", 16).joules_per_token
+        / serve("h100", "dense-8b", 256).joules_per_token
+    )
+    return Check(
+        "batch_3_5x",
+        "larger batches cut energy/token 3-5x",
+        "ML.ENERGY leaderboard v3",
+        f"dense-8B serving, batch 16 -> 256: {r:.1f}x",
+        "3-5x ±30% (2.1-6.5x)",
+        2.1 <= r <= 6.5,
+    )
 
 
 def clock_16_vs_20() -> Check:
@@ -164,10 +219,14 @@ def clock_16_vs_20() -> Check:
     lo = decode("h100", "mixtral-8x7b", 64, clock_mhz=1600)
     thr = lo.tokens_per_s / hi.tokens_per_s
     en = lo.joules_per_token / hi.joules_per_token
-    return Check("clock_1600", "1.6 GHz vs 2.0 GHz: about the same throughput, < 80% energy",
-                 "arXiv 2403.20306", f"Mixtral batch 64 decode, 1600 vs 1980 MHz: throughput "
-                 f"{thr:.3f}x, energy {en:.2f}x", "throughput >= 0.95x; energy < 0.80x",
-                 thr >= 0.95 and en < 0.80)
+    return Check(
+        "clock_1600",
+        "1.6 GHz vs 2.0 GHz: about the same throughput, < 80% energy",
+        "arXiv 2403.20306",
+        f"Mixtral batch 64 decode, 1600 vs 1980 MHz: throughput {thr:.3f}x, energy {en:.2f}x",
+        "throughput >= 0.95x; energy < 0.80x",
+        thr >= 0.95 and en < 0.80,
+    )
 
 
 def samsi_cap() -> Check:
@@ -175,10 +234,14 @@ def samsi_cap() -> Check:
     lo = serve("a100", "dense-8b", 64, cap_w=175)
     thr = lo.tokens_per_s / hi.tokens_per_s - 1
     en = lo.joules_per_token / hi.joules_per_token - 1
-    return Check("samsi", "cap 250 -> 175 W: token rate -6.1%, energy -24% (LLaMA-65B)",
-                 "Samsi et al. 2023", f"A100 dense-8B serving batch 64: token rate {thr:+.1%}, "
-                 f"energy/token {en:+.1%}", "rate -0..-15%; energy -10..-35%",
-                 -0.15 <= thr <= 0.0 and -0.35 <= en <= -0.10)
+    return Check(
+        "samsi",
+        "cap 250 -> 175 W: token rate -6.1%, energy -24% (LLaMA-65B)",
+        "Samsi et al. 2023",
+        f"A100 dense-8B serving batch 64: token rate {thr:+.1%}, energy/token {en:+.1%}",
+        "rate -0..-15%; energy -10..-35%",
+        -0.15 <= thr <= 0.0 and -0.35 <= en <= -0.10,
+    )
 
 
 def max_q() -> Check:
@@ -191,15 +254,26 @@ def max_q() -> Check:
             found = (cap, loss, 1 - p.power_w / base.power_w)
             break
     if found is None:
-        return Check("max_q", "Max-Q: 9-12% power saved at 2-3% performance loss", "NVIDIA",
-                     "no cap >= 200 W costs 2% throughput", "power saved 5-20%", False)
+        return Check(
+            "max_q",
+            "Max-Q: 9-12% power saved at 2-3% performance loss",
+            "NVIDIA",
+            "no cap >= 200 W costs 2% throughput",
+            "power saved 5-20%",
+            False,
+        )
     cap, loss, saved = found
-    return Check("max_q", "Max-Q: 9-12% power saved at 2-3% performance loss", "NVIDIA",
-                 f"H100 Mixtral serving batch 64: first cap costing >= 2% throughput is {cap} W "
-                 f"({loss:.1%} loss) and saves {saved:.0%} power",
-                 "power saved 5-20% at 2-3% loss", 0.05 <= saved <= 0.20 and loss <= 0.04,
-                 "the twin's decode is memory-bound, so caps save more power before throughput "
-                 "falls than NVIDIA's profile (which covers compute-heavier work)")
+    return Check(
+        "max_q",
+        "Max-Q: 9-12% power saved at 2-3% performance loss",
+        "NVIDIA",
+        f"H100 Mixtral serving batch 64: first cap costing >= 2% throughput is {cap} W "
+        f"({loss:.1%} loss) and saves {saved:.0%} power",
+        "power saved 5-20% at 2-3% loss",
+        0.05 <= saved <= 0.20 and loss <= 0.04,
+        "the twin's decode is memory-bound, so caps save more power before throughput "
+        "falls than NVIDIA's profile (which covers compute-heavier work)",
+    )
 
 
 def pals_batch() -> Check:
@@ -209,13 +283,18 @@ def pals_batch() -> Check:
     m3264 = r[64] / r[32] - 1
     q3264 = q[64] / q[32] - 1
     ok = 1.7 <= gain <= 2.1 and m3264 <= 0.05 and 0.03 <= q3264 <= 0.12
-    return Check("pals_batch", "batch 1 -> 64: tokens/J 1.7-2.1x; 32 -> 64: +2% Mixtral, +7% Qwen",
-                 "PALS, arXiv 2605.21427 (A100)",
-                 f"A100 serving: Mixtral 1 -> 64 {gain:.1f}x; 32 -> 64 Mixtral {m3264:+.0%}, "
-                 f"Qwen {q3264:+.0%}", "1.7-2.1x; +0-5%; +3-12%", ok,
-                 "a roofline makes batching far more valuable than PALS measured (decode "
-                 "reads the same weights for 1 or 64 sequences); PALS's figures are GPU+host "
-                 "energy of a modified vLLM and include overheads the twin does not model")
+    return Check(
+        "pals_batch",
+        "batch 1 -> 64: tokens/J 1.7-2.1x; 32 -> 64: +2% Mixtral, +7% Qwen",
+        "PALS, arXiv 2605.21427 (A100)",
+        f"A100 serving: Mixtral 1 -> 64 {gain:.1f}x; 32 -> 64 Mixtral {m3264:+.0%}, "
+        f"Qwen {q3264:+.0%}",
+        "1.7-2.1x; +0-5%; +3-12%",
+        ok,
+        "a roofline makes batching far more valuable than PALS measured (decode "
+        "reads the same weights for 1 or 64 sequences); PALS's figures are GPU+host "
+        "energy of a modified vLLM and include overheads the twin does not model",
+    )
 
 
 def pals_caps() -> Check:
@@ -225,16 +304,19 @@ def pals_caps() -> Check:
     q_peak = max(qwen, key=lambda c: qwen[c])
     m_peak = max(mix, key=lambda c: mix[c])
     q_ok = q_peak in (150, 200, 250) and qwen[400] < qwen[200]
-    return Check("pals_caps", "Qwen1.5-MoE peaks in tokens/J at a 200 W cap (50% TDP) and "
-                 "declines above; Mixtral keeps improving up to 400 W",
-                 "PALS, arXiv 2605.21427 (A100, batch 64)",
-                 f"Qwen peak at {q_peak} W, {qwen[400] / qwen[200] - 1:+.0%} from 200 to 400 W; "
-                 f"Mixtral peak at {m_peak} W, {mix[400] / mix[150] - 1:+.0%} from 150 to 400 W",
-                 "Qwen peak within 50 W of 200 W and lower at 400 W; Mixtral peak at 400 W",
-                 q_ok and m_peak == 400,
-                 "Qwen matches; Mixtral does not: on the twin both are memory-bound in decode, so "
-                 "a lower cap always saves energy; PALS's Mixtral needed its clock, which "
-                 "suggests compute or launch-bound time the roofline does not see")
+    return Check(
+        "pals_caps",
+        "Qwen1.5-MoE peaks in tokens/J at a 200 W cap (50% TDP) and "
+        "declines above; Mixtral keeps improving up to 400 W",
+        "PALS, arXiv 2605.21427 (A100, batch 64)",
+        f"Qwen peak at {q_peak} W, {qwen[400] / qwen[200] - 1:+.0%} from 200 to 400 W; "
+        f"Mixtral peak at {m_peak} W, {mix[400] / mix[150] - 1:+.0%} from 150 to 400 W",
+        "Qwen peak within 50 W of 200 W and lower at 400 W; Mixtral peak at 400 W",
+        q_ok and m_peak == 400,
+        "Qwen matches; Mixtral does not: on the twin both are memory-bound in decode, so "
+        "a lower cap always saves energy; PALS's Mixtral needed its clock, which "
+        "suggests compute or launch-bound time the roofline does not see",
+    )
 
 
 def moe_microbench() -> Check:
@@ -242,15 +324,20 @@ def moe_microbench() -> Check:
     jpt = [pts[b].joules_per_token for b in pts]
     pw = [pts[b].per_gpu_w for b in pts]
     shape = all(a > b for a, b in itertools.pairwise(jpt)) and all(
-        a < b for a, b in itertools.pairwise(pw))
+        a < b for a, b in itertools.pairwise(pw)
+    )
     r = jpt[0] / jpt[3]
-    return Check("moe_bench", "MoE decode microbenchmark: 184 -> 294 W and J/token 1.106 -> "
-                 "0.015 for batch 1 -> 256 (1 -> 64: 21.7x)", "measured (launch-bound, 4 layers)",
-                 f"Mixtral TP=2 decode: {_fmt_range(pw, 'W')} per GPU, J/token 1 -> 64 {r:.1f}x",
-                 "power rising and J/token falling with batch; power 150-350 W",
-                 shape and all(150 <= p <= 350 for p in pw),
-                 "absolute tokens/s differ: the benchmark is launch-bound eager PyTorch on 4 "
-                 "layers, the twin a full CUDA-graph vLLM model")
+    return Check(
+        "moe_bench",
+        "MoE decode microbenchmark: 184 -> 294 W and J/token 1.106 -> "
+        "0.015 for batch 1 -> 256 (1 -> 64: 21.7x)",
+        "measured (launch-bound, 4 layers)",
+        f"Mixtral TP=2 decode: {_fmt_range(pw, 'W')} per GPU, J/token 1 -> 64 {r:.1f}x",
+        "power rising and J/token falling with batch; power 150-350 W",
+        shape and all(150 <= p <= 350 for p in pw),
+        "absolute tokens/s differ: the benchmark is launch-bound eager PyTorch on 4 "
+        "layers, the twin a full CUDA-graph vLLM model",
+    )
 
 
 def model_shapes() -> Check:
@@ -258,29 +345,61 @@ def model_shapes() -> Check:
     qa = QWEN_MOE.active_params / 1e9
     wb = MIXTRAL_8X7B.total_params * 2 / 1e9
     ok = abs(ma - 12.9) / 12.9 <= 0.03 and abs(qa - 2.7) / 2.7 <= 0.05 and abs(wb - 93) <= 1.5
-    return Check("shapes", "Mixtral 46.7B/12.9B active, bf16 ~93 GB; Qwen1.5-MoE 14.3B/2.7B",
-                 "model cards", f"Mixtral {ma:.2f}B active, {wb:.1f} GB; Qwen {qa:.2f}B active",
-                 "active ±3% (Mixtral), ±5% (Qwen)", ok)
+    return Check(
+        "shapes",
+        "Mixtral 46.7B/12.9B active, bf16 ~93 GB; Qwen1.5-MoE 14.3B/2.7B",
+        "model cards",
+        f"Mixtral {ma:.2f}B active, {wb:.1f} GB; Qwen {qa:.2f}B active",
+        "active ±3% (Mixtral), ±5% (Qwen)",
+        ok,
+    )
 
 
 def experts_touched() -> Check:
     got = MIXTRAL_8X7B.experts_touched(4)
     want = 8 * (1 - (1 - 2 / 8) ** 4)
-    return Check("experts", "experts touched per layer E(1-(1-k/E)^B)", "calibration.md",
-                 f"Mixtral B=4: {got:.3f}", "exact", abs(got - want) < 1e-12)
+    return Check(
+        "experts",
+        "experts touched per layer E(1-(1-k/E)^B)",
+        "calibration.md",
+        f"Mixtral B=4: {got:.3f}",
+        "exact",
+        abs(got - want) < 1e-12,
+    )
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (
-    hw_limits, hw_idle, hw_memory_compute, nvml_averaging, decode_power, cap_280_not_binding,
-    clock_lock_saving, mlenergy_logistic, batch_1_to_32, larger_batches, clock_16_vs_20,
-    samsi_cap, max_q, pals_batch, pals_caps, moe_microbench, model_shapes, experts_touched,
+    hw_limits,
+    hw_idle,
+    hw_memory_compute,
+    nvml_averaging,
+    decode_power,
+    cap_280_not_binding,
+    clock_lock_saving,
+    mlenergy_logistic,
+    batch_1_to_32,
+    larger_batches,
+    clock_16_vs_20,
+    samsi_cap,
+    max_q,
+    pals_batch,
+    pals_caps,
+    moe_microbench,
+    model_shapes,
+    experts_touched,
 )
 
 NOT_MODELLED = (
-    ("B200 cap just above the throughput cliff +24% tokens/J; 480B MoE +26% vs 405B dense +6%",
-     "Kim et al. 2026", "no B200 preset and no 400B-class models"),
-    ("joint cap x batch x TP tuning beats batch/TP alone by 1.13-1.18x", "PALS",
-     "a controller result, not a property of the twin (see docs/controller.md)"),
+    (
+        "B200 cap just above the throughput cliff +24% tokens/J; 480B MoE +26% vs 405B dense +6%",
+        "Kim et al. 2026",
+        "no B200 preset and no 400B-class models",
+    ),
+    (
+        "joint cap x batch x TP tuning beats batch/TP alone by 1.13-1.18x",
+        "PALS",
+        "a controller result, not a property of the twin (see docs/controller.md)",
+    ),
     ("P_sys = 1.05 * sum(P_GPU) + 340..350 W", "PALS", "the twin models GPUs only"),
     ("DeepSeek-MoE-16B shape", "model card", "not a preset"),
 )
@@ -313,8 +432,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m palsd.sim.calibrate", description=__doc__)
     parser.add_argument("--speed", action="store_true", help="measure engine speed only")
     parser.add_argument("--seconds", type=float, default=600.0, help="virtual seconds for --speed")
-    parser.add_argument("--update-doc", metavar="MD", help="rewrite the table between the "
-                        "calibration-table markers of this markdown file")
+    parser.add_argument(
+        "--update-doc",
+        metavar="MD",
+        help="rewrite the table between the calibration-table markers of this markdown file",
+    )
     args = parser.parse_args()
     if args.update_doc:
         with open(args.update_doc) as f:
@@ -330,8 +452,10 @@ def main() -> int:
         return 0
     if args.speed:
         x = speed(args.seconds)
-        print(f"8 x H100, 4 x Mixtral-8x7B TP=2, default Poisson load: {args.seconds:.0f} "
-              f"virtual s at {x:.0f}x real time ({3600 / x:.1f} s per simulated hour)")
+        print(
+            f"8 x H100, 4 x Mixtral-8x7B TP=2, default Poisson load: {args.seconds:.0f} "
+            f"virtual s at {x:.0f}x real time ({3600 / x:.1f} s per simulated hour)"
+        )
         return 0
     print(table())
     return 0

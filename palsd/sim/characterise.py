@@ -31,8 +31,14 @@ class Point:
         return 1.0 / self.joules_per_token
 
 
-def decode(gpu: str, model: str, batch: int, ctx_tokens: int = 1024,
-           clock_mhz: float | None = None, cap_w: float | None = None) -> Point:
+def decode(
+    gpu: str,
+    model: str,
+    batch: int,
+    ctx_tokens: int = 1024,
+    clock_mhz: float | None = None,
+    cap_w: float | None = None,
+) -> Point:
     """Steady pure decode at `batch` sequences of `ctx_tokens` context each."""
     g = GPU_PRESETS[gpu]
     m = MODEL_PRESETS[model]
@@ -54,12 +60,26 @@ def decode(gpu: str, model: str, batch: int, ctx_tokens: int = 1024,
     return Point(p * tp, tps, f, tp)
 
 
-def serve(gpu: str, model: str, batch: int, cap_w: float | None = None, warm_s: float = 20.0,
-          measure_s: float = 60.0, seed: int = 0) -> Point:
+def serve(
+    gpu: str,
+    model: str,
+    batch: int,
+    cap_w: float | None = None,
+    warm_s: float = 20.0,
+    measure_s: float = 60.0,
+    seed: int = 0,
+) -> Point:
     """Saturated serving (prefill + decode) at batch limit `batch` on one server."""
     tp = MODEL_PRESETS[model].default_tp
-    host = TwinHost(gpu=gpu, model=model, n_gpus=tp, workload=BacklogWorkload(), seed=seed,
-                    max_num_seqs=max(256, batch), initial_batch_limit=batch)
+    host = TwinHost(
+        gpu=gpu,
+        model=model,
+        n_gpus=tp,
+        workload=BacklogWorkload(),
+        seed=seed,
+        max_num_seqs=max(256, batch),
+        initial_batch_limit=batch,
+    )
     if cap_w is not None:
         for i in range(tp):
             host.set_power_limit_w(i, cap_w)

@@ -78,9 +78,18 @@ class TwinHost:
         self.servers: list[ServerInfo] = []
         for k in range(n_gpus // tp):
             indices = tuple(range(k * tp, (k + 1) * tp))
-            sim = ServerSim(k, f"vllm-{k}", indices, mspec, spec,
-                            self.workload.stream(k, seed), max_num_seqs, limit,
-                            max_batched_tokens, history_s)
+            sim = ServerSim(
+                k,
+                f"vllm-{k}",
+                indices,
+                mspec,
+                spec,
+                self.workload.stream(k, seed),
+                max_num_seqs,
+                limit,
+                max_batched_tokens,
+                history_s,
+            )
             self._servers.append(sim)
             self.servers.append(ServerInfo(k, sim.name, indices, max_num_seqs, mspec.name))
         # per server: (t, prompt, generation, finished, preemptions) after each quantum
@@ -110,8 +119,15 @@ class TwinHost:
             for g in group:
                 g.account(q, busy, u_mem, u_comp, clock)
             snaps = self._snapshots[k]
-            snaps.append((t_end, srv.prompt_tokens_total, srv.generation_tokens_total,
-                          len(srv.finished), srv.preemptions_total))
+            snaps.append(
+                (
+                    t_end,
+                    srv.prompt_tokens_total,
+                    srv.generation_tokens_total,
+                    len(srv.finished),
+                    srv.preemptions_total,
+                )
+            )
             if len(snaps) > _SNAPSHOT_KEEP:
                 del snaps[: len(snaps) - _SNAPSHOT_KEEP // 2]
         self.now_s = t_end
@@ -136,8 +152,12 @@ class TwinHost:
 
     def batch_state(self, server: int) -> dict[str, int]:
         s = self._server(server)
-        return {"max_num_seqs": s.max_num_seqs, "limit": s.limit, "running": s.running,
-                "waiting": s.pending_waiting}
+        return {
+            "max_num_seqs": s.max_num_seqs,
+            "limit": s.limit,
+            "running": s.running,
+            "waiting": s.pending_waiting,
+        }
 
     def set_batch_limit(self, server: int, limit: int) -> None:
         s = self._server(server)

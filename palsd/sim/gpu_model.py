@@ -138,8 +138,9 @@ class GpuState:
             )
         self.power_limit_w = float(watts)
 
-    def account(self, dt_s: float, busy_s: float, u_mem: float, u_comp: float,
-                clock_mhz: float) -> None:
+    def account(
+        self, dt_s: float, busy_s: float, u_mem: float, u_comp: float, clock_mhz: float
+    ) -> None:
         """Charge dt_s of operation: busy_s of it at `clock_mhz` with the given utilisations."""
         spec = self.spec
         idle_s = max(0.0, dt_s - busy_s)

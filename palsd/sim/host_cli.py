@@ -1,7 +1,8 @@
 """`palsd sim-host`: the real-time HTTP shell around the twin engine.
 
-The engine has no clock; this shell owns the only one (time.monotonic) and feeds the elapsed
-time, times --speed, to `TwinHost.step` every ~50 ms. One port serves the GPU API under
+The engine has no clock; this shell owns the clock reads: time.monotonic, whose elapsed time
+times --speed goes to `TwinHost.step` every ~50 ms, and one time.time() at start for vLLM's
+`_created` gauges. One port serves the GPU API under
 /sim/v1 and each vLLM-like server under /vllm/<k> (see docs/simhost.md). GPU state lives in
 this process, so it outlives any palsd restart.
 """
@@ -33,20 +34,33 @@ MAX_CATCH_UP_S = 5.0  # after a stall, do not replay more than this many real se
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=4, help="number of GPUs (default 4)")
-    parser.add_argument("--servers", type=int, default=2,
-                        help="vLLM servers; GPUs split evenly, TP = gpus/servers (default 2)")
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=2,
+        help="vLLM servers; GPUs split evenly, TP = gpus/servers (default 2)",
+    )
     parser.add_argument("--gpu", choices=sorted(GPU_PRESETS), default="h100")
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="mixtral-8x7b")
     parser.add_argument("--workload", choices=["varying", "poisson", "bursty"], default="varying")
-    parser.add_argument("--rate", type=float, default=None,
-                        help="mean requests/s per server (default: the model's nominal rate)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="mean requests/s per server (default: the model's nominal rate)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: ephemeral)")
-    parser.add_argument("--ready-file", type=Path, default=None,
-                        help="write {url, gpus, servers} here as JSON once listening")
-    parser.add_argument("--speed", type=float, default=1.0,
-                        help="virtual seconds per real second (default 1)")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="write {url, gpus, servers} here as JSON once listening",
+    )
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="virtual seconds per real second (default 1)"
+    )
 
 
 def build_workload(kind: str, rate_per_s: float) -> Workload:
@@ -60,27 +74,41 @@ def build_workload(kind: str, rate_per_s: float) -> Workload:
 
 def build_host(args: argparse.Namespace, epoch_s: float) -> TwinHost:
     if args.gpus < 1 or args.servers < 1 or args.gpus % args.servers:
-        raise ValueError(f"--gpus {args.gpus} must be a positive multiple of --servers "
-                         f"{args.servers}")
+        raise ValueError(
+            f"--gpus {args.gpus} must be a positive multiple of --servers {args.servers}"
+        )
     rate = args.rate if args.rate is not None else NOMINAL_RATE_PER_S[args.model]
     if not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"--rate must be > 0, got {rate}")
     if not (math.isfinite(args.speed) and args.speed > 0):
         raise ValueError(f"--speed must be > 0, got {args.speed}")
-    return TwinHost(gpu=args.gpu, model=args.model, n_gpus=args.gpus,
-                    workload=build_workload(args.workload, rate), seed=args.seed,
-                    max_num_seqs=args.max_num_seqs, tp=args.gpus // args.servers,
-                    epoch_s=epoch_s)
+    return TwinHost(
+        gpu=args.gpu,
+        model=args.model,
+        n_gpus=args.gpus,
+        workload=build_workload(args.workload, rate),
+        seed=args.seed,
+        max_num_seqs=args.max_num_seqs,
+        tp=args.gpus // args.servers,
+        epoch_s=epoch_s,
+    )
 
 
 def _gpu_json(host: TwinHost, index: int) -> dict[str, Any]:
     g = host.gpu_readings()[index]
     return {
-        "index": g.index, "name": g.name, "uuid": g.uuid, "power_w": g.power_w,
-        "power_instant_w": g.power_instant_w, "energy_j": g.energy_j,
-        "power_limit_w": g.power_limit_w, "enforced_limit_w": g.enforced_limit_w,
-        "min_limit_w": g.min_limit_w, "max_limit_w": g.max_limit_w,
-        "default_limit_w": g.default_limit_w, "sm_clock_mhz": g.sm_clock_mhz,
+        "index": g.index,
+        "name": g.name,
+        "uuid": g.uuid,
+        "power_w": g.power_w,
+        "power_instant_w": g.power_instant_w,
+        "energy_j": g.energy_j,
+        "power_limit_w": g.power_limit_w,
+        "enforced_limit_w": g.enforced_limit_w,
+        "min_limit_w": g.min_limit_w,
+        "max_limit_w": g.max_limit_w,
+        "default_limit_w": g.default_limit_w,
+        "sm_clock_mhz": g.sm_clock_mhz,
     }
 
 
@@ -111,8 +139,9 @@ def build_app(host: TwinHost, base_url: list[str]) -> web.Application:
 
     @routes.get("/sim/v1/gpus")
     async def gpus(_: web.Request) -> web.Response:
-        return web.json_response({"gpus": [_gpu_json(host, i)
-                                           for i in range(len(host.gpu_readings()))]})
+        return web.json_response(
+            {"gpus": [_gpu_json(host, i) for i in range(len(host.gpu_readings()))]}
+        )
 
     @routes.put("/sim/v1/gpus/{index}/power-limit")
     async def put_limit(request: web.Request) -> web.Response:
@@ -142,8 +171,9 @@ def build_app(host: TwinHost, base_url: list[str]) -> web.Application:
     @routes.get("/vllm/{k}/metrics")
     async def metrics(request: web.Request) -> web.Response:
         text = host.metrics_text(server_index(request))
-        return web.Response(text=text, content_type="text/plain",
-                            headers={"X-Content-Type-Version": "0.0.4"})
+        return web.Response(
+            text=text, content_type="text/plain", headers={"X-Content-Type-Version": "0.0.4"}
+        )
 
     @routes.get("/vllm/{k}/health")
     async def health(request: web.Request) -> web.Response:
@@ -173,8 +203,10 @@ def build_app(host: TwinHost, base_url: list[str]) -> web.Application:
 
 
 def server_list(host: TwinHost, base_url: str) -> list[dict[str, Any]]:
-    return [{"name": s.name, "url": f"{base_url}/vllm/{s.index}", "gpus": list(s.gpu_indices)}
-            for s in host.servers]
+    return [
+        {"name": s.name, "url": f"{base_url}/vllm/{s.index}", "gpus": list(s.gpu_indices)}
+        for s in host.servers
+    ]
 
 
 def _write_atomically(path: Path, data: dict[str, Any]) -> None:
@@ -211,11 +243,19 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.ready_file is not None:
-        _write_atomically(args.ready_file, {"url": base_url[0], "gpus": len(host.gpu_readings()),
-                                            "servers": server_list(host, base_url[0])})
-    print(f"palsd sim-host: {len(host.gpu_readings())} x {host.gpu_spec.name}, "
-          f"{len(host.servers)} x {host.model_spec.name} (TP={host.tp}) at {base_url[0]}",
-          flush=True)
+        _write_atomically(
+            args.ready_file,
+            {
+                "url": base_url[0],
+                "gpus": len(host.gpu_readings()),
+                "servers": server_list(host, base_url[0]),
+            },
+        )
+    print(
+        f"palsd sim-host: {len(host.gpu_readings())} x {host.gpu_spec.name}, "
+        f"{len(host.servers)} x {host.model_spec.name} (TP={host.tp}) at {base_url[0]}",
+        flush=True,
+    )
     try:
         await _drive(host, args.speed, stop)
     finally:

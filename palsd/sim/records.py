@@ -7,14 +7,77 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-               10.0, 20.0, 40.0, 80.0)
-REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-ITERATION_TOKEN_BUCKETS = tuple(float(1 << i) if i == 0 else float(8 << (i - 1))
-                                for i in range(0, 13))  # 1 8 16 32 ... 16384
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+REQUEST_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+ITERATION_TOKEN_BUCKETS = tuple(
+    float(1 << i) if i == 0 else float(8 << (i - 1)) for i in range(0, 13)
+)  # 1 8 16 32 ... 16384
 
 
 def one_two_five(max_value: int) -> tuple[float, ...]:
@@ -75,8 +138,9 @@ class RequestRecord:
         return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
 
-def weighted_quantiles(samples: list[tuple[float, float]],
-                       qs: tuple[float, ...]) -> list[float | None]:
+def weighted_quantiles(
+    samples: list[tuple[float, float]], qs: tuple[float, ...]
+) -> list[float | None]:
     """The qs-quantiles (ascending) of (value, weight) samples, with one sort."""
     if not samples:
         return [None] * len(qs)

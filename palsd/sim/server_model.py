@@ -32,8 +32,20 @@ MAX_WAITING = 10_000  # beyond this the server is saturated anyway; bounds a bac
 
 
 class Req:
-    __slots__ = ("arrival_s", "ctx", "finish_g", "first_token_s", "g_start", "generated",
-                 "live", "output", "preemptions", "prefill_left", "prompt", "seq")
+    __slots__ = (
+        "arrival_s",
+        "ctx",
+        "finish_g",
+        "first_token_s",
+        "g_start",
+        "generated",
+        "live",
+        "output",
+        "preemptions",
+        "prefill_left",
+        "prompt",
+        "seq",
+    )
 
     def __init__(self, seq: int, arrival_s: float, prompt: int, output: int) -> None:
         self.seq = seq
@@ -60,9 +72,19 @@ class StepUsage:
 
 
 class ServerSim:
-    def __init__(self, index: int, name: str, gpu_indices: tuple[int, ...], model: ModelSpec,
-                 gpu: GpuSpec, stream: ArrivalStream, max_num_seqs: int, limit: int,
-                 max_batched_tokens: int = 8192, history_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        gpu_indices: tuple[int, ...],
+        model: ModelSpec,
+        gpu: GpuSpec,
+        stream: ArrivalStream,
+        max_num_seqs: int,
+        limit: int,
+        max_batched_tokens: int = 8192,
+        history_s: float = 900.0,
+    ) -> None:
         self.index = index
         self.name = name
         self.gpu_indices = gpu_indices
@@ -132,8 +154,7 @@ class ServerSim:
         while len(self.waiting) < MAX_WAITING and stream.peek(self.t) is not None:
             nxt = stream.pop()
             self._seq += 1
-            self.waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens,
-                                    nxt.output_tokens))
+            self.waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens, nxt.output_tokens))
 
     def _admit(self) -> None:
         room = self.kv_capacity - self.kv_used - sum(r.prefill_left for r in self.prefilling)
@@ -170,8 +191,15 @@ class ServerSim:
 
     def _finish(self, req: Req, t_s: float) -> None:
         admit_s = self._admit_s.pop(req.seq, req.arrival_s)
-        rec = RequestRecord(self.index, req.arrival_s, req.first_token_s, t_s, req.prompt,
-                            req.output, req.preemptions)
+        rec = RequestRecord(
+            self.index,
+            req.arrival_s,
+            req.first_token_s,
+            t_s,
+            req.prompt,
+            req.output,
+            req.preemptions,
+        )
         self.finished.append(rec)
         self.success_total["length"] += 1
         self.h_e2e.observe(rec.e2e_s)
@@ -231,8 +259,11 @@ class ServerSim:
                 continue
             cost = iteration_cost(model, gpu, tp, clock_mhz, n, ctx + n * 4)
             t_iter = cost.time_s
-            k = min(self._heap[0][0] - self.g, kv_room // n,
-                    max(1, math.ceil((t_end - self.t) / t_iter)))
+            k = min(
+                self._heap[0][0] - self.g,
+                kv_room // n,
+                max(1, math.ceil((t_end - self.t) / t_iter)),
+            )
             if not self.waiting and self.running < self.limit:
                 # a new arrival could join at once: end the span there
                 nxt = self._stream.peek(t_end)
@@ -276,8 +307,9 @@ class ServerSim:
             budget -= c
         n = self.n_dec
         ctx = self._ctx_base + n * self.g
-        cost = iteration_cost(self.model, self.gpu, self.tp, clock_mhz, n, ctx, chunk_tokens,
-                              attend)
+        cost = iteration_cost(
+            self.model, self.gpu, self.tp, clock_mhz, n, ctx, chunk_tokens, attend
+        )
         t_iter = cost.time_s
         self.t += t_iter
         self.g += 1

@@ -50,9 +50,9 @@ def render_metrics(server: ServerSim, model_name: str, created_s: float) -> str:
         acc = 0.0
         for bound, count in zip(h.bounds, h.counts, strict=False):
             acc += count
-            add(f'{name}_bucket{_labels(base, {"le": _fmt(bound)})} {_fmt(acc)}')
+            add(f"{name}_bucket{_labels(base, {'le': _fmt(bound)})} {_fmt(acc)}")
         acc += h.counts[-1]
-        add(f'{name}_bucket{_labels(base, {"le": "+Inf"})} {_fmt(acc)}')
+        add(f"{name}_bucket{_labels(base, {'le': '+Inf'})} {_fmt(acc)}")
         add(f"{name}_count{_labels(base)} {_fmt(acc)}")
         add(f"{name}_sum{_labels(base)} {_fmt(h.sum)}")
         add(f"# HELP {name}_created {help_}")
@@ -61,56 +61,117 @@ def render_metrics(server: ServerSim, model_name: str, created_s: float) -> str:
 
     s = server
     waiting = s.pending_waiting
-    gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
-          [(None, s.running)])
-    gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-          [(None, waiting)])
+    gauge(
+        "vllm:num_requests_running",
+        "Number of requests in model execution batches.",
+        [(None, s.running)],
+    )
+    gauge(
+        "vllm:num_requests_waiting",
+        "Number of requests waiting to be processed.",
+        [(None, waiting)],
+    )
     # capacity: blocked by KV space or the batch limit; deferred is not modelled
-    gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.",
-          [({"reason": "capacity"}, waiting), ({"reason": "deferred"}, 0)])
-    gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-          [(None, s.kv_usage)])
-    gauge("vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping.",
-          [({"sleep_state": "awake"}, 1), ({"sleep_state": "weights_offloaded"}, 0),
-           ({"sleep_state": "discard_all"}, 0)])
+    gauge(
+        "vllm:num_requests_waiting_by_reason",
+        "Number of requests waiting, by reason.",
+        [({"reason": "capacity"}, waiting), ({"reason": "deferred"}, 0)],
+    )
+    gauge(
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage. 1 means 100 percent usage.",
+        [(None, s.kv_usage)],
+    )
+    gauge(
+        "vllm:engine_sleep_state",
+        "Engine sleep state; awake = 0 means engine is sleeping.",
+        [
+            ({"sleep_state": "awake"}, 1),
+            ({"sleep_state": "weights_offloaded"}, 0),
+            ({"sleep_state": "discard_all"}, 0),
+        ],
+    )
     add("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig")
     add("# TYPE vllm:cache_config_info gauge")
-    config = {"block_size": "16", "cache_dtype": "auto", "gpu_memory_utilization": "0.9",
-              "num_gpu_blocks": str(s.kv_capacity // 16)}
+    config = {
+        "block_size": "16",
+        "cache_dtype": "auto",
+        "gpu_memory_utilization": "0.9",
+        "num_gpu_blocks": str(s.kv_capacity // 16),
+    }
     add(f"vllm:cache_config_info{_labels(base, config)} 1.0")
-    counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-            [(None, s.preemptions_total)])
-    counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
-            [(None, s.prompt_tokens_total)])
-    counter("vllm:generation_tokens", "Number of generation tokens processed.",
-            [(None, s.generation_tokens_total)])
-    counter("vllm:request_success", "Count of successfully processed requests.",
-            [({"finished_reason": r}, s.success_total.get(r, 0))
-             for r in ("stop", "length", "abort", "error", "repetition")])
-    counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of tokens.",
-            [(None, s.prompt_tokens_total)])
-    counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of tokens.",
-            [(None, 0)])
-    histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-              s.h_ttft)
-    histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-              s.h_itl)
-    histogram("vllm:request_time_per_output_token_seconds",
-              "Histogram of time_per_output_token_seconds per request.", s.h_tpot)
-    histogram("vllm:e2e_request_latency_seconds",
-              "Histogram of e2e request latency in seconds.", s.h_e2e)
-    histogram("vllm:request_queue_time_seconds",
-              "Histogram of time spent in WAITING phase for request.", s.h_queue)
-    histogram("vllm:request_inference_time_seconds",
-              "Histogram of time spent in RUNNING phase for request.", s.h_inference)
-    histogram("vllm:request_prefill_time_seconds",
-              "Histogram of time spent in PREFILL phase for request.", s.h_prefill)
-    histogram("vllm:request_decode_time_seconds",
-              "Histogram of time spent in DECODE phase for request.", s.h_decode)
-    histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-              s.h_iter_tokens)
-    histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
-              s.h_prompt_tokens)
-    histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
-              s.h_gen_tokens)
+    counter(
+        "vllm:num_preemptions",
+        "Cumulative number of preemption from the engine.",
+        [(None, s.preemptions_total)],
+    )
+    counter(
+        "vllm:prompt_tokens", "Number of prefill tokens processed.", [(None, s.prompt_tokens_total)]
+    )
+    counter(
+        "vllm:generation_tokens",
+        "Number of generation tokens processed.",
+        [(None, s.generation_tokens_total)],
+    )
+    counter(
+        "vllm:request_success",
+        "Count of successfully processed requests.",
+        [
+            ({"finished_reason": r}, s.success_total.get(r, 0))
+            for r in ("stop", "length", "abort", "error", "repetition")
+        ],
+    )
+    counter(
+        "vllm:prefix_cache_queries",
+        "Prefix cache queries, in terms of number of tokens.",
+        [(None, s.prompt_tokens_total)],
+    )
+    counter(
+        "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of tokens.", [(None, 0)]
+    )
+    histogram(
+        "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", s.h_ttft
+    )
+    histogram(
+        "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", s.h_itl
+    )
+    histogram(
+        "vllm:request_time_per_output_token_seconds",
+        "Histogram of time_per_output_token_seconds per request.",
+        s.h_tpot,
+    )
+    histogram(
+        "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", s.h_e2e
+    )
+    histogram(
+        "vllm:request_queue_time_seconds",
+        "Histogram of time spent in WAITING phase for request.",
+        s.h_queue,
+    )
+    histogram(
+        "vllm:request_inference_time_seconds",
+        "Histogram of time spent in RUNNING phase for request.",
+        s.h_inference,
+    )
+    histogram(
+        "vllm:request_prefill_time_seconds",
+        "Histogram of time spent in PREFILL phase for request.",
+        s.h_prefill,
+    )
+    histogram(
+        "vllm:request_decode_time_seconds",
+        "Histogram of time spent in DECODE phase for request.",
+        s.h_decode,
+    )
+    histogram(
+        "vllm:iteration_tokens_total",
+        "Histogram of number of tokens per engine_step.",
+        s.h_iter_tokens,
+    )
+    histogram(
+        "vllm:request_prompt_tokens", "Number of prefill tokens processed.", s.h_prompt_tokens
+    )
+    histogram(
+        "vllm:request_generation_tokens", "Number of generation tokens processed.", s.h_gen_tokens
+    )
     return "\n".join(lines) + "\n"

@@ -90,8 +90,14 @@ class _LazyStream:
 class _RateStream(_LazyStream):
     """Non-homogeneous Poisson by thinning against a rate bound (Lewis-Shedler)."""
 
-    def __init__(self, rate: RateFn, rate_max: float, prompt: LengthDist, output: LengthDist,
-                 rng: random.Random) -> None:
+    def __init__(
+        self,
+        rate: RateFn,
+        rate_max: float,
+        prompt: LengthDist,
+        output: LengthDist,
+        rng: random.Random,
+    ) -> None:
         super().__init__()
         self._rate = rate
         self._rate_max = rate_max

@@ -39,9 +39,26 @@ def simhost(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ready = tmp_path / "ready.json"
     log = (tmp_path / "simhost.log").open("wb")
     proc = subprocess.Popen(
-        [*PALSD, "sim-host", "--gpus", "4", "--servers", "2", "--workload", "poisson",
-         "--speed", "10", "--seed", "3", "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            *PALSD,
+            "sim-host",
+            "--gpus",
+            "4",
+            "--servers",
+            "2",
+            "--workload",
+            "poisson",
+            "--speed",
+            "10",
+            "--seed",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         _wait_for(ready, proc, 30)
@@ -72,8 +89,9 @@ def test_gpus_through_the_sim_backend(simhost: dict[str, Any]) -> None:
     try:
         gpus = backend.read_all()
         assert [g.index for g in gpus] == [0, 1, 2, 3]
-        assert all((g.min_limit_w, g.max_limit_w, g.default_limit_w) == (200, 700, 700)
-                   for g in gpus)
+        assert all(
+            (g.min_limit_w, g.max_limit_w, g.default_limit_w) == (200, 700, 700) for g in gpus
+        )
         assert all(g.power_w is not None and 60 < g.power_w < 700 for g in gpus)
         backend.set_power_limit_w(1, 350)
         with pytest.raises(GpuInvalidArgument, match=r"\[200, 700\]"):
@@ -107,8 +125,9 @@ def test_bad_power_limit_puts_are_rejected_and_change_nothing(
     simhost: dict[str, Any], path: str, body: bytes, status: int
 ) -> None:
     base = simhost["url"]
-    resp = httpx.put(base + path, content=body, timeout=5,
-                     headers={"content-type": "application/json"})
+    resp = httpx.put(
+        base + path, content=body, timeout=5, headers={"content-type": "application/json"}
+    )
     assert resp.status_code == status
     assert "error" in resp.json()
     gpus = httpx.get(f"{base}/sim/v1/gpus", timeout=5).json()["gpus"]
@@ -116,14 +135,26 @@ def test_bad_power_limit_puts_are_rejected_and_change_nothing(
 
 
 def test_power_limit_put_returns_the_gpu(simhost: dict[str, Any]) -> None:
-    resp = httpx.put(f"{simhost['url']}/sim/v1/gpus/2/power-limit",
-                     json={"power_limit_w": 420}, timeout=5)
+    resp = httpx.put(
+        f"{simhost['url']}/sim/v1/gpus/2/power-limit", json={"power_limit_w": 420}, timeout=5
+    )
     assert resp.status_code == 200
     gpu = resp.json()
     assert gpu["index"] == 2 and gpu["power_limit_w"] == 420
-    assert set(gpu) == {"index", "name", "uuid", "power_w", "power_instant_w", "energy_j",
-                        "power_limit_w", "enforced_limit_w", "min_limit_w", "max_limit_w",
-                        "default_limit_w", "sm_clock_mhz"}
+    assert set(gpu) == {
+        "index",
+        "name",
+        "uuid",
+        "power_w",
+        "power_instant_w",
+        "energy_j",
+        "power_limit_w",
+        "enforced_limit_w",
+        "min_limit_w",
+        "max_limit_w",
+        "default_limit_w",
+        "sm_clock_mhz",
+    }
 
 
 def test_metrics_are_vllm_text_and_move(simhost: dict[str, Any]) -> None:
@@ -132,10 +163,17 @@ def test_metrics_are_vllm_text_and_move(simhost: dict[str, Any]) -> None:
     first = httpx.get(f"{url}/metrics", timeout=5)
     assert first.status_code == 200 and first.headers["content-type"].startswith("text/plain")
     names = {f.name for f in text_string_to_metric_families(first.text)}
-    assert {"vllm:num_requests_running", "vllm:num_requests_waiting",
-            "vllm:kv_cache_usage_perc", "vllm:generation_tokens", "vllm:prompt_tokens",
-            "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-            "vllm:e2e_request_latency_seconds", "vllm:request_success"} <= names
+    assert {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens",
+        "vllm:prompt_tokens",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_success",
+    } <= names
     time.sleep(1.0)  # ten virtual seconds at --speed 10
     second = httpx.get(f"{url}/metrics", timeout=5).text
     (a,) = parse_metrics(first.text).values()
@@ -149,10 +187,17 @@ def test_batch_limit_contract(simhost: dict[str, Any]) -> None:
     state = httpx.get(url, timeout=5).json()
     assert set(state) == {"max_num_seqs", "limit", "running", "waiting"}
     assert state["max_num_seqs"] == 256 and state["limit"] == 256
-    for bad in (b'{"limit": 0}', b'{"limit": 257}', b'{"limit": 2.5}', b'{"limit": true}',
-                b'{"limit": "8"}', b'{"max": 8}', b"{", b"8"):
-        resp = httpx.put(url, content=bad, timeout=5,
-                         headers={"content-type": "application/json"})
+    for bad in (
+        b'{"limit": 0}',
+        b'{"limit": 257}',
+        b'{"limit": 2.5}',
+        b'{"limit": true}',
+        b'{"limit": "8"}',
+        b'{"max": 8}',
+        b"{",
+        b"8",
+    ):
+        resp = httpx.put(url, content=bad, timeout=5, headers={"content-type": "application/json"})
         assert resp.status_code in (400, 422), bad
         assert "error" in resp.json()
         assert httpx.get(url, timeout=5).json()["limit"] == 256
@@ -169,7 +214,11 @@ def test_sigterm_stops_it_cleanly(simhost: dict[str, Any]) -> None:
 
 
 def test_bad_options_exit_2_with_a_reason(tmp_path: Path) -> None:
-    out = subprocess.run([*PALSD, "sim-host", "--gpus", "3", "--servers", "2"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*PALSD, "sim-host", "--gpus", "3", "--servers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "--gpus 3" in out.stdout + out.stderr

@@ -119,8 +119,9 @@ def test_energy_counter_matches_average_power() -> None:
     g = host.gpu_readings()[0]
     assert g.energy_j is not None and e0 is not None and g.power_w is not None
     assert g.energy_j - e0 == pytest.approx(g.power_w, rel=0.02)
-    assert host.energy_j_total() == pytest.approx(sum(x.energy_j or 0 for x in
-                                                     host.gpu_readings()), rel=1e-6)
+    assert host.energy_j_total() == pytest.approx(
+        sum(x.energy_j or 0 for x in host.gpu_readings()), rel=1e-6
+    )
 
 
 def test_nvml_average_moves_in_100ms_steps_over_one_second() -> None:
@@ -139,14 +140,16 @@ def test_nvml_average_moves_in_100ms_steps_over_one_second() -> None:
 
 
 def test_preemption_when_kv_cache_runs_out_and_every_token_is_counted() -> None:
-    long = PoissonWorkload(lambda t: 40.0 if t < 4 else 0.0,
-                           prompt=LengthDist(6000, 0.1, 4000, 8000),
-                           output=LengthDist(1500, 0.1, 1000, 2000), rate_max_per_s=40.0)
+    long = PoissonWorkload(
+        lambda t: 40.0 if t < 4 else 0.0,
+        prompt=LengthDist(6000, 0.1, 4000, 8000),
+        output=LengthDist(1500, 0.1, 1000, 2000),
+        rate_max_per_s=40.0,
+    )
     host = TwinHost(gpu="h100", model="qwen-moe", n_gpus=1, workload=long)
     host.step(900)
     records = host.request_records(0)
-    assert host.batch_state(0) == {"max_num_seqs": 256, "limit": 256, "running": 0,
-                                   "waiting": 0}
+    assert host.batch_state(0) == {"max_num_seqs": 256, "limit": 256, "running": 0, "waiting": 0}
     assert sum(r.preemptions for r in records) > 0
     assert "vllm:num_preemptions_total" in host.metrics_text(0)
     assert host.tokens_generated_total(0) == sum(r.output_tokens for r in records)
@@ -163,11 +166,19 @@ def test_metrics_text_is_vllm_shaped() -> None:
     host = TwinHost(n_gpus=2)
     host.step(30)
     fams = {f.name: f for f in text_string_to_metric_families(host.metrics_text(0))}
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:kv_cache_usage_perc", "vllm:generation_tokens", "vllm:prompt_tokens",
-                 "vllm:num_preemptions", "vllm:request_success",
-                 "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-                 "vllm:e2e_request_latency_seconds", "vllm:generation_tokens_created"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens",
+        "vllm:prompt_tokens",
+        "vllm:num_preemptions",
+        "vllm:request_success",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:generation_tokens_created",
+    ):
         assert name in fams, name
     for fam in fams.values():
         for s in fam.samples:
@@ -178,8 +189,11 @@ def test_metrics_text_is_vllm_shaped() -> None:
     assert gen.value == host.tokens_generated_total(0)
 
     def bounds(family: str) -> tuple[float, ...]:
-        return tuple(float(s.labels["le"]) for s in fams[family].samples
-                     if s.name.endswith("_bucket") and s.labels["le"] != "+Inf")
+        return tuple(
+            float(s.labels["le"])
+            for s in fams[family].samples
+            if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"
+        )
 
     assert bounds("vllm:time_to_first_token_seconds") == TTFT_BUCKETS
     assert bounds("vllm:inter_token_latency_seconds") == ITL_BUCKETS
@@ -193,8 +207,9 @@ def test_server_signals_agree_with_counters() -> None:
     t0 = host.tokens_generated_total(0)
     host.step(10)
     sig = host.server_signals(0, 10)
-    assert sig.generation_tokens_per_s == pytest.approx((host.tokens_generated_total(0) - t0)
-                                                        / 10, rel=1e-6)
+    assert sig.generation_tokens_per_s == pytest.approx(
+        (host.tokens_generated_total(0) - t0) / 10, rel=1e-6
+    )
     assert sig.window_s == pytest.approx(10)
     assert sig.ttft_s.p50 is not None and sig.ttft_s.p50 <= (sig.ttft_s.p99 or 0)
     assert sig.itl_s.p90 is not None and 0.005 < sig.itl_s.p90 < 0.1
@@ -258,8 +273,15 @@ def test_weighted_quantiles(samples: list[tuple[float, float]], want: list[float
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.01, 3.0), st.integers(0, 1), st.floats(200, 700),
-                          st.integers(1, 256)), min_size=1, max_size=12))
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.01, 3.0), st.integers(0, 1), st.floats(200, 700), st.integers(1, 256)
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_counters_never_run_backwards_whatever_the_knobs_do(
     actions: list[tuple[float, int, float, int]],
 ) -> None:
