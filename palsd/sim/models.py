@@ -172,3 +172,54 @@ def iteration_cost(
         comp_s=flops / gpu.flops_at(clock_mhz),
         overhead_s=overhead,
     )
+
+
+class CostModel:
+    """`iteration_cost` with its constants folded for one model, GPU and TP, for the engine's
+    hot loop: `set_clock` once per quantum, then `cost(...)` -> (time_s, mem_s, comp_s)."""
+
+    def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int) -> None:
+        self._model = model
+        self._gpu = gpu
+        self._fixed_b = model.fixed_params * BYTES_PER_PARAM / tp
+        self._expert_b = model.layers * model.expert_params * BYTES_PER_PARAM / tp
+        self._kv_b = model.kv_bytes_per_token / tp
+        self._flop_tok = 2.0 * model.active_params / tp
+        self._attn = 4.0 * model.layers * model.heads * model.head_dim / tp
+        self._ar_fixed = 2 * model.layers * ALLREDUCE_LATENCY_S if tp > 1 else 0.0
+        self._ar_tok = (
+            2 * model.layers * model.hidden * BYTES_PER_PARAM / gpu.nvlink_bytes_per_s
+            if tp > 1
+            else 0.0
+        )
+        self._weights: dict[int, float] = {}
+        self._inv_bw = 1.0 / gpu.bw_at(gpu.max_clock_mhz)
+        self._inv_fl = 1.0 / gpu.flops_at(gpu.max_clock_mhz)
+
+    def set_clock(self, clock_mhz: float) -> None:
+        self._inv_bw = 1.0 / self._gpu.bw_at(clock_mhz)
+        self._inv_fl = 1.0 / self._gpu.flops_at(clock_mhz)
+
+    def cost(
+        self,
+        decode_seqs: int,
+        decode_ctx_tokens: float,
+        prefill_tokens: int = 0,
+        prefill_attend_tokens: float = 0.0,
+    ) -> tuple[float, float, float]:
+        tokens = decode_seqs + prefill_tokens
+        weights = self._weights.get(tokens)
+        if weights is None:
+            weights = self._fixed_b + self._expert_b * self._model.experts_touched(tokens)
+            self._weights[tokens] = weights
+        mem = (weights + self._kv_b * (decode_ctx_tokens + tokens)) * self._inv_bw
+        comp = (
+            self._flop_tok * tokens + self._attn * (decode_ctx_tokens + prefill_attend_tokens)
+        ) * self._inv_fl
+        overhead = (
+            ITER_OVERHEAD_S
+            + PER_SEQ_OVERHEAD_S * (decode_seqs + (1 if prefill_tokens else 0))
+            + self._ar_fixed
+            + self._ar_tok * tokens
+        )
+        return (mem if mem > comp else comp) + overhead, mem, comp

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from palsd.sim.gpu_model import GpuSpec
-from palsd.sim.models import ModelSpec, iteration_cost
+from palsd.sim.models import CostModel, ModelSpec
 from palsd.sim.records import (
     ITERATION_TOKEN_BUCKETS,
     ITL_BUCKETS,
@@ -95,6 +95,7 @@ class ServerSim:
         self.limit = limit
         self.max_batched_tokens = max_batched_tokens
         self.kv_capacity = model.kv_capacity_tokens(gpu, self.tp)
+        self._cost = CostModel(model, gpu, self.tp)
         self.t = 0.0
         self._stream = stream
         self._seq = 0
@@ -229,7 +230,8 @@ class ServerSim:
         (t_start, t_end]. An iteration that runs past t_end is charged to the next call."""
         use = self._carry
         self._carry = StepUsage()
-        use = self._run(t_end, clock_mhz, use)
+        self._cost.set_clock(clock_mhz)
+        use = self._run(t_end, use)
         span = max(t_end - t_start, 0.0)
         if use.busy_s > span and use.busy_s > 0:
             excess = use.busy_s - span
@@ -238,8 +240,8 @@ class ServerSim:
             use = StepUsage(span, use.mem_s * (1 - share), use.comp_s * (1 - share))
         return use
 
-    def _run(self, t_end: float, clock_mhz: float, use: StepUsage) -> StepUsage:
-        model, gpu, tp = self.model, self.gpu, self.tp
+    def _run(self, t_end: float, use: StepUsage) -> StepUsage:
+        cost = self._cost.cost
         while self.t < t_end:
             self._pull_arrivals()
             self._admit()
@@ -248,7 +250,7 @@ class ServerSim:
                 self.t = t_end if nxt is None else max(self.t, nxt.arrival_s)
                 continue
             if self.prefilling:
-                self._prefill_iteration(use, clock_mhz)
+                self._prefill_iteration(use)
                 continue
             # a span of k pure-decode iterations
             n = self.n_dec
@@ -257,8 +259,7 @@ class ServerSim:
             if kv_room < n:
                 self._preempt_newest()
                 continue
-            cost = iteration_cost(model, gpu, tp, clock_mhz, n, ctx + n * 4)
-            t_iter = cost.time_s
+            t_iter, mem_s, comp_s = cost(n, ctx + n * 4)
             k = min(
                 self._heap[0][0] - self.g,
                 kv_room // n,
@@ -271,16 +272,15 @@ class ServerSim:
                     k = min(k, max(1, math.ceil((nxt.arrival_s - self.t) / t_iter)))
             k = max(1, k)
             if k > 8:  # contexts grow during the span: cost it at its middle
-                cost = iteration_cost(model, gpu, tp, clock_mhz, n, ctx + n * k / 2)
-                t_iter = cost.time_s
+                t_iter, mem_s, comp_s = cost(n, ctx + n * k / 2)
             t0 = self.t
             self.g += k
             self.t += k * t_iter
             tokens = k * n
             self.generation_tokens_total += tokens
             use.busy_s += k * t_iter
-            use.mem_s += k * cost.mem_s
-            use.comp_s += k * cost.comp_s
+            use.mem_s += k * mem_s
+            use.comp_s += k * comp_s
             self.h_itl.observe(t_iter, tokens)
             self.h_iter_tokens.observe(n, k)
             self.itl_samples.add(self.t, t_iter, tokens)
@@ -292,7 +292,7 @@ class ServerSim:
                     self._finish(req, t0 + (fg - (self.g - k)) * t_iter)
         return use
 
-    def _prefill_iteration(self, use: StepUsage, clock_mhz: float) -> None:
+    def _prefill_iteration(self, use: StepUsage) -> None:
         budget = self.max_batched_tokens - self.n_dec
         chunk_tokens = 0
         attend = 0.0
@@ -307,15 +307,12 @@ class ServerSim:
             budget -= c
         n = self.n_dec
         ctx = self._ctx_base + n * self.g
-        cost = iteration_cost(
-            self.model, self.gpu, self.tp, clock_mhz, n, ctx, chunk_tokens, attend
-        )
-        t_iter = cost.time_s
+        t_iter, mem_s, comp_s = self._cost.cost(n, ctx, chunk_tokens, attend)
         self.t += t_iter
         self.g += 1
         use.busy_s += t_iter
-        use.mem_s += cost.mem_s
-        use.comp_s += cost.comp_s
+        use.mem_s += mem_s
+        use.comp_s += comp_s
         self.h_iter_tokens.observe(n + chunk_tokens)
         if n:
             self.generation_tokens_total += n

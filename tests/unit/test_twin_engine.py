@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from palsd.sim.engine import TwinHost
 from palsd.sim.gpu_model import H100, GpuState
-from palsd.sim.models import MIXTRAL_8X7B, QWEN_MOE
+from palsd.sim.models import MIXTRAL_8X7B, MODEL_PRESETS, QWEN_MOE, CostModel, iteration_cost
 from palsd.sim.records import ITL_BUCKETS, REQUEST_BUCKETS, TTFT_BUCKETS, weighted_quantiles
 from palsd.sim.workload import (
     Arrival,
@@ -300,3 +300,16 @@ def test_counters_never_run_backwards_whatever_the_knobs_do(
             assert g.sm_clock_mhz is not None and 0 < g.sm_clock_mhz <= H100.max_clock_mhz
         sig = host.server_signals(0, 1.0)
         assert sig.kv_cache_usage is not None and 0 <= sig.kv_cache_usage <= 1
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen-moe", "dense-8b"])
+@pytest.mark.parametrize("clock", [700.0, 1400.0, 1980.0])
+def test_engine_cost_model_equals_the_reference_roofline(model: str, clock: float) -> None:
+    spec = MODEL_PRESETS[model]
+    fast = CostModel(spec, H100, spec.default_tp)
+    fast.set_clock(clock)
+    for dec, ctx, pre, att in [(1, 500, 0, 0.0), (64, 64_000, 0, 0.0), (8, 9000, 2048, 3e6)]:
+        ref = iteration_cost(spec, H100, spec.default_tp, clock, dec, ctx, pre, att)
+        assert fast.cost(dec, ctx, pre, att) == pytest.approx(
+            (ref.time_s, ref.mem_s, ref.comp_s), rel=1e-9
+        )
