@@ -57,21 +57,16 @@ def make_tokenizer(out: Path, vocab_size: int) -> None:
     fast.save_pretrained(out)
 
 
-def make_model(out: Path, vocab_size: int, seed: int) -> None:
+def make_model(out: Path, vocab_size: int, seed: int, size: dict[str, int]) -> None:
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
     config = MixtralConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         head_dim=64,
-        num_local_experts=4,
         num_experts_per_tok=2,
+        **size,
         max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,
@@ -88,12 +83,29 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="directory to write the model into")
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    # Big enough that a decode step takes milliseconds, not microseconds: with a faster engine
+    # vLLM's API server (one event loop) can fall behind its output stream on a busy 2-core
+    # machine and stop answering /metrics until generation ends.
+    ap.add_argument("--hidden-size", type=int, default=512)
+    ap.add_argument("--intermediate-size", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=8)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     make_tokenizer(args.out, args.vocab_size)
     vocab = len(json.loads((args.out / "tokenizer.json").read_text())["model"]["vocab"])
     # The model's vocabulary must cover every id the tokenizer can emit.
-    make_model(args.out, max(vocab, args.vocab_size), args.seed)
+    size = {
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "num_local_experts": args.experts,
+    }
+    make_model(args.out, max(vocab, args.vocab_size), args.seed, size)
     print(f"tiny MoE written to {args.out}")
 
 

@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 PLUGINS = "palsd_batch_limit,palsd_batch_limit_api"
 MAX_NUM_SEQS = 8
-# Long generations, so that each round of requests outlasts the second or two a /metrics read
-# can stall for on a busy 2-core machine: concurrency must be seen, not inferred.
-TOKENS = 1024
-MAX_MODEL_LEN = 1280
+# Long enough per request (the default tiny model decodes at ~10 ms a step) that a round at
+# limit 2 lasts seconds: concurrency is seen on /metrics, not inferred.
+TOKENS = 256
+MAX_MODEL_LEN = 512
 # A shared 2-core machine can starve vLLM's API server for seconds; a slow answer is not a fail.
 STALL_S = 30.0
 START_TIMEOUT_S = 240.0
