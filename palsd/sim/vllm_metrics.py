@@ -174,4 +174,21 @@ def render_metrics(server: ServerSim, model_name: str, created_s: float) -> str:
     histogram(
         "vllm:request_generation_tokens", "Number of generation tokens processed.", s.h_gen_tokens
     )
+    # every simulated request asks for exactly the tokens it generates (finished by length) and
+    # nothing is served from a prefix cache, so these repeat the two histograms above
+    histogram(
+        "vllm:request_params_max_tokens",
+        "Histogram of the max_tokens request parameter.",
+        s.h_gen_tokens,
+    )
+    histogram(
+        "vllm:request_max_num_generation_tokens",
+        "Histogram of maximum number of requested generation tokens.",
+        s.h_gen_tokens,
+    )
+    histogram(
+        "vllm:request_prefill_kv_computed_tokens",
+        "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+        s.h_prompt_tokens,
+    )
     return "\n".join(lines) + "\n"
