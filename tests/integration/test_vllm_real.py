@@ -187,7 +187,7 @@ async def test_probe_vllm_reports_the_requests_and_tokens_sent(vllm_server: Serv
         before = server.metrics_gets()
         probe = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "palsd.cli.palsd", "probe-vllm", server.url,
-            "--interval", "6s", "--json",
+            "--interval", "8s", "--json",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         # Send only once the probe's first scrape is in, so every request lands in its window.
