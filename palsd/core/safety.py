@@ -61,12 +61,13 @@ def order_writes(
     tolerance_w: float = 0.5,
 ) -> list[tuple[int, float]]:
     """The writes that take `current_w` to `target_w`: every lowering first, then raises.
-    A limit within `tolerance_w` of its target is not written (idempotent setters)."""
+    A raise within `tolerance_w` is not written (idempotent setters); a lowering always is,
+    however small, since skipping it could leave the sum above a budget."""
     lowers: list[tuple[int, float]] = []
     raises: list[tuple[int, float]] = []
     for index, target in sorted(target_w.items()):
         now = current_w.get(index)
-        if now is not None and abs(now - target) <= tolerance_w:
+        if now is not None and now <= target <= now + tolerance_w:
             continue
         (lowers if now is None or target < now else raises).append((index, target))
     return lowers + raises

@@ -54,6 +54,10 @@ def test_order_writes_lowers_first_and_skips_unchanged():
     assert writes == [(0, 400), (1, 600)]
 
 
+def test_order_writes_never_skips_a_small_lowering():
+    assert order_writes({0: 433.3}, {0: 433.002}) == [(0, 433.002)]
+
+
 def test_infeasible_budget_puts_every_gpu_at_minimum():
     gpus = [h100(0), h100(1)]
     fitted = fit_to_budget({0: 700, 1: 700}, gpus, 300)
