@@ -50,6 +50,7 @@ class TwinHost:
         max_batched_tokens: int = 8192,
         history_s: float = 900.0,
         epoch_s: float = 0.0,
+        keep_records: bool = True,
     ) -> None:
         if gpu not in GPU_PRESETS:
             raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPU_PRESETS)}")
@@ -89,6 +90,7 @@ class TwinHost:
                 limit,
                 max_batched_tokens,
                 history_s,
+                keep_records,
             )
             self._servers.append(sim)
             self.servers.append(ServerInfo(k, sim.name, indices, max_num_seqs, mspec.name))
@@ -124,7 +126,7 @@ class TwinHost:
                     t_end,
                     srv.prompt_tokens_total,
                     srv.generation_tokens_total,
-                    len(srv.finished),
+                    srv.finished_total,
                     srv.preemptions_total,
                 )
             )
@@ -175,7 +177,8 @@ class TwinHost:
         return self._server(server).generation_tokens_total
 
     def request_records(self, server: int, since: int = 0) -> list[RequestRecord]:
-        """Finished requests of a server in finishing order, from position `since` on."""
+        """Finished requests of a server in finishing order, from position `since` on (empty
+        when the host was built with keep_records=False, as the long-running shell is)."""
         return self._server(server).finished[since:]
 
     def server_signals(self, server: int, window_s: float) -> ServerSignals:

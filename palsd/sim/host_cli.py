@@ -91,6 +91,7 @@ def build_host(args: argparse.Namespace, epoch_s: float) -> TwinHost:
         max_num_seqs=args.max_num_seqs,
         tp=args.gpus // args.servers,
         epoch_s=epoch_s,
+        keep_records=False,  # a sim host may run for days: keep histograms, not every request
     )
 
 

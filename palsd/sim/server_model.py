@@ -84,6 +84,7 @@ class ServerSim:
         limit: int,
         max_batched_tokens: int = 8192,
         history_s: float = 900.0,
+        keep_records: bool = True,
     ) -> None:
         self.index = index
         self.name = name
@@ -128,6 +129,8 @@ class ServerSim:
         self.ttft_samples = TimedSamples(history_s)
         self.itl_samples = TimedSamples(history_s)
         self.e2e_samples = TimedSamples(history_s)
+        self.keep_records = keep_records
+        self.finished_total = 0
         self.finished: list[RequestRecord] = []
         self._admit_s: dict[int, float] = {}
         self._carry = StepUsage()  # work of an iteration that ran past the last quantum's end
@@ -201,7 +204,9 @@ class ServerSim:
             req.output,
             req.preemptions,
         )
-        self.finished.append(rec)
+        self.finished_total += 1
+        if self.keep_records:
+            self.finished.append(rec)
         self.success_total["length"] += 1
         self.h_e2e.observe(rec.e2e_s)
         self.h_queue.observe(admit_s - req.arrival_s)

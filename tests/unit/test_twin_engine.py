@@ -313,3 +313,12 @@ def test_engine_cost_model_equals_the_reference_roofline(model: str, clock: floa
         assert fast.cost(dec, ctx, pre, att) == pytest.approx(
             (ref.time_s, ref.mem_s, ref.comp_s), rel=1e-9
         )
+
+
+def test_without_records_the_counters_and_signals_still_count() -> None:
+    kept, lean = (TwinHost(n_gpus=2, seed=2, keep_records=k) for k in (True, False))
+    for h in (kept, lean):
+        h.step(60)
+    assert lean.request_records(0) == [] and len(kept.request_records(0)) > 50
+    assert lean.server_signals(0, 30) == kept.server_signals(0, 30)
+    assert lean.metrics_text(0) == kept.metrics_text(0)
