@@ -133,6 +133,7 @@ def main() -> int:
     }
     feed_ms: list[float] = []
     act_ms: list[float] = []
+    daemon_ms: list[float] = []  # the daemon's own: budget arrival -> last limit written
     latencies_ms: list[float] = []
     missing = []
     for seq in range(1, len(budgets) + 1, 2):  # the lowering ones
@@ -141,6 +142,8 @@ def main() -> int:
             missing.append(seq)
             continue
         latencies_ms.append((e["t_wall"] - sent[seq]) * 1000)
+        if e.get("since_arrival_ms") is not None:
+            daemon_ms.append(e["since_arrival_ms"])
         if seq in accepted_at:
             feed_ms.append((accepted_at[seq] - sent[seq]) * 1000)
             act_ms.append((e["t_wall"] - accepted_at[seq]) * 1000)
@@ -154,7 +157,11 @@ def main() -> int:
         f"{len(latencies_ms)} lowering ones measured, {len(missing)} without an application "
         f"under the budget, {len(rejected)} rejected; applied by trigger {by_trigger}"
     )
-    for name, part in (("publish -> feed handed over", feed_ms), ("feed -> limits", act_ms)):
+    for name, part in (
+        ("publish -> feed handed over", feed_ms),
+        ("feed -> limits", act_ms),
+        ("daemon: budget arrival -> last limit written", daemon_ms),
+    ):
         if part:
             print(
                 f"{name}: p50 {statistics.median(part):.2f} ms, "

@@ -127,7 +127,10 @@ class Daemon:
         if budget.effective_w is not None and self.gpus and current > budget.effective_w:
             task = asyncio.get_running_loop().create_task(self._enforce_now(budget, arrived))
             task.add_done_callback(_log_task_failure(self.log))
-        self._wake.set()
+        else:
+            # More room (or none needed): let the controller use it at once. A cut is
+            # enforced above; an extra tick now would only compete with it for the CPU.
+            self._wake.set()
 
     async def _enforce_now(self, budget: BudgetInForce, arrived: float) -> None:
         async with self._act_lock:
@@ -135,7 +138,7 @@ class Daemon:
                 {g.index: g.power_limit_w for g in self.gpus}, self.gpus, budget.effective_w
             )
             writes = order_writes({g.index: g.power_limit_w for g in self.gpus}, fitted.limits_w)
-            await self._write(writes, "budget", budget)
+            await self._write(writes, "budget", budget, arrived)
         self.metrics.enforce_s.observe(time.perf_counter() - arrived)
 
     # ---- the tick ----
@@ -208,7 +211,11 @@ class Daemon:
             self.notifier.watchdog(summary)
 
     async def _write(
-        self, writes: list[tuple[int, float]], trigger: str, budget: BudgetInForce
+        self,
+        writes: list[tuple[int, float]],
+        trigger: str,
+        budget: BudgetInForce,
+        arrived: float | None = None,
     ) -> None:
         if not writes:
             return
@@ -231,6 +238,9 @@ class Daemon:
             failed={str(i): e for i, e in result.failed.items()},
             sum_limit_w=round(sum(g.power_limit_w for g in self.gpus), 3),
             t_wall=time.time(),
+            since_arrival_ms=None
+            if arrived is None
+            else round((time.perf_counter() - arrived) * 1000, 3),
         )
 
     async def _sense_server(self, link: ServerLink, now: float) -> ServerObservation:
