@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from palsd.act.originals import OriginalsStore
-from palsd.act.power import restore_gpus
+from palsd.act.restore import put_back
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
 from palsd.runtime.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
@@ -40,38 +40,24 @@ def main(args: argparse.Namespace) -> int:
         log.info("nothing_to_restore", path=str(store.path))
         return 0
     backend = make_backend(cfg)
+
+    async def restore() -> None:
+        async with httpx.AsyncClient() as client:
+            ports = {link.name: link.batch for link in make_server_links(cfg, client)}
+            await put_back(originals, store, backend, ports, log)
+
     try:
-        targets = {i: float(e["limit_w"]) for i, e in originals.gpus.items()}
-        result = restore_gpus(backend, targets, log)
+        asyncio.run(restore())
     except GpuError as err:
         print(f"palsd restore: {err}", file=sys.stderr)
         return 1
     finally:
         backend.close()
-    for index in result.applied:
-        originals.gpus.pop(index, None)
-
-    async def restore_batches() -> None:
-        async with httpx.AsyncClient() as client:
-            for link in make_server_links(cfg, client):
-                entry = originals.servers.get(link.name)
-                if entry is None:
-                    continue
-                try:
-                    await link.batch.set(int(entry["batch_limit"]))
-                    originals.servers.pop(link.name)
-                    log.info("batch_limit_restored", server=link.name, limit=entry["batch_limit"])
-                except Exception as err:
-                    log.error("batch_limit_restore_failed", server=link.name, error=str(err))
-
-    if originals.servers:
-        asyncio.run(restore_batches())
     if originals.empty():
-        store.clear()
-        log.info("restored", gpus=sorted(result.applied))
+        log.info("restored", path=str(store.path))
         return 0
-    store.save(originals)
     print(
-        f"palsd restore: some limits could not be restored: {originals.to_json()}", file=sys.stderr
+        f"palsd restore: some limits could not be restored: {originals.to_json()}",
+        file=sys.stderr,
     )
     return 1

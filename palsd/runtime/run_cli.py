@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from palsd import __version__
 from palsd.act.originals import OriginalsStore
-from palsd.act.power import PowerActuator, restore_gpus
+from palsd.act.power import PowerActuator
+from palsd.act.restore import put_back
 from palsd.api.server import ApiServer
 from palsd.core.budget import BudgetBook
 from palsd.errors import GpuError
@@ -88,30 +89,17 @@ async def reconcile(store: OriginalsStore, backend: Any, links: list[Any], log: 
         return
     if previous is None or previous.empty():
         return
-    targets = {i: float(e["limit_w"]) for i, e in previous.gpus.items()}
-    result = await asyncio.to_thread(restore_gpus, backend, targets, log)
-    by_name = {link.name: link for link in links}
-    for name, entry in list(previous.servers.items()):
-        link = by_name.get(name)
-        if link is None:
-            continue
-        try:
-            await link.batch.set(int(entry["batch_limit"]))
-            previous.servers.pop(name)
-        except Exception as err:
-            log.error("batch_limit_restore_failed", server=name, error=str(err))
-    for index in result.applied:
-        previous.gpus.pop(index, None)
+    result = await put_back(previous, store, backend, _ports(links), log)
     log.warning(
         "reconciled_previous_run",
         restored_gpus=sorted(result.applied),
         failed=result.failed,
         left=previous.to_json(),
     )
-    if previous.empty():
-        store.clear()
-    else:
-        store.save(previous)
+
+
+def _ports(links: list[Any]) -> dict[str, Any]:
+    return {link.name: link.batch for link in links}
 
 
 async def serve(cfg: PalsdConfig, config_path: Path) -> int:
@@ -198,7 +186,7 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
             await api.stop()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
-            await _restore_all(actuator, links, log)
+            await _restore_all(actuator, store, backend, links, log)
             backend.close()
     log.info("palsd_stopped")
     return 0
@@ -217,25 +205,12 @@ async def _run_feed(
     await asyncio.gather(task, return_exceptions=True)
 
 
-async def _restore_all(actuator: PowerActuator, links: list[Any], log: Any) -> None:
+async def _restore_all(
+    actuator: PowerActuator, store: OriginalsStore, backend: Any, links: list[Any], log: Any
+) -> None:
     if actuator.dry_run:
         return
-    result = await asyncio.to_thread(actuator.restore)
-    by_name = {link.name: link for link in links}
-    for name, entry in list(actuator.originals.servers.items()):
-        link = by_name.get(name)
-        if link is None:
-            continue
-        try:
-            await link.batch.set(int(entry["batch_limit"]))
-            actuator.originals.servers.pop(name)
-            log.info("batch_limit_restored", server=name, limit=entry["batch_limit"])
-        except Exception as err:
-            log.error("batch_limit_restore_failed", server=name, error=str(err))
-    if actuator.originals.empty():
-        actuator._store.clear()
-    else:
-        actuator._store.save(actuator.originals)
+    result = await put_back(actuator.originals, store, backend, _ports(links), log)
     log.info("limits_restored", gpus=sorted(result.applied), failed=result.failed)
 
 

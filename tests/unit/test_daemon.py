@@ -10,6 +10,7 @@ import structlog
 
 from palsd.act.originals import OriginalsStore
 from palsd.act.power import PowerActuator
+from palsd.act.restore import put_back
 from palsd.core.budget import BudgetBook, BudgetEntry
 from palsd.core.demand_split import DemandSplitController
 from palsd.core.types import GpuObservation, ServerSignals, Slo
@@ -110,7 +111,8 @@ async def test_originals_recorded_before_first_write(tmp_path):
     record = OriginalsStore(tmp_path).load()
     assert record is not None
     assert {i: e["limit_w"] for i, e in record.gpus.items()} == {0: 700.0, 1: 700.0}
-    result = daemon.actuator.restore()
+    store = OriginalsStore(tmp_path)
+    result = await put_back(daemon.actuator.originals, store, host, {}, daemon.log)
     assert result.applied == {0: 700.0, 1: 700.0}
     assert all(g.power_limit_w == 700.0 for g in host.gpus.values())
     assert OriginalsStore(tmp_path).load() is None

@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 import palsd.sense.nvml as nvml_mod
 from palsd.act.originals import OriginalsStore
 from palsd.act.power import PowerActuator
+from palsd.act.restore import put_back
 from palsd.core.budget import BudgetBook, BudgetEntry
 from palsd.core.demand_split import DemandSplitController
 from palsd.report.metrics import Metrics
@@ -90,7 +91,8 @@ def test_dry_run_ticks_and_budget_cuts_call_no_setter_and_log_would_be_limits(
         await asyncio.sleep(0.05)
         for _ in range(3):
             await daemon.tick()
-        daemon.actuator.restore()
+        # What `palsd run` does on the way out puts back nothing: a dry run recorded nothing.
+        await put_back(daemon.actuator.originals, OriginalsStore(tmp_path), backend, {}, daemon.log)
 
     with capture_logs() as logs:
         asyncio.run(scenario())
