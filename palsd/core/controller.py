@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from palsd.core.learn import ModelParams, ResponseModel
 from palsd.core.safety import (
+    drawn_power_w,
     excursion_w,
     fit_to_budget,
     limit_raise,
@@ -316,6 +317,8 @@ class JointController:
             sum_min = sum(g.min_limit_w for g in obs.gpus)
             guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
             plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
+            if p.control_batch and budget_w - guard_w < sum_min:
+                self._shed_at_floor(obs, budget_w, batch, reasons)
         bound = plan_w is not None and sum(wants.values()) > plan_w + 1e-6
         targets = dict(wants)
         if bound and plan_w is not None:
@@ -363,6 +366,35 @@ class JointController:
             mode=mode,
             infeasible=fitted.infeasible,
         )
+
+    def _shed_at_floor(
+        self, obs: Observation, budget_w: float, batch: dict[str, int], reasons: list[str]
+    ) -> None:
+        """The caps are at their floor and cannot keep the margin below the budget: if the
+        GPUs still draw above it (prefill bursts overshoot a minimum cap), less work is the
+        only knob left, so shrink the batch limits of the servers drawing the most."""
+        p = self.params
+        # The 1 s average, not instant readings: a 100 ms prefill spike is not worth shedding
+        # work for; a sustained excess is.
+        drawn = sum(g.power_w if g.power_w is not None else drawn_power_w(g) for g in obs.gpus)
+        if drawn <= budget_w:
+            return
+        for srv in obs.servers:
+            st = self._servers.get(srv.name)
+            if st is None or st.batch_limit is None or srv.signals is None:
+                continue
+            if obs.now_s - st.batch_changed_s < p.react_s:
+                continue
+            base = min(st.batch_limit, max(int(srv.signals.running), 1))
+            new = max(p.min_batch_limit, int(base * (1.0 - p.batch_step_frac)))
+            if new < st.batch_limit:
+                reasons.append(
+                    f"{srv.name}: batch limit {st.batch_limit} -> {new}: drawing "
+                    f"{drawn:.0f} W above the {budget_w:.0f} W budget with every cap at its floor"
+                )
+                st.batch_limit = new
+                st.batch_changed_s = obs.now_s
+                batch[srv.name] = new
 
     def _note_allocation(
         self, owner: Mapping[str, list[int]], limits_w: Mapping[int, float], bound: bool

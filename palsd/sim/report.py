@@ -71,8 +71,9 @@ def markdown(meta: dict[str, Any], pol: dict[str, dict[str, Any]]) -> str:
         f"{meta['hours']} h virtual, seed {meta['seed']}. SLO: {meta['slo']}.",
         "",
         "| policy | tokens/J | vs static | SLO attainment | violating windows | "
-        "s above budget (power / limits) | tokens | energy MJ | $/Mtok | speed x |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "s above budget (1 s avg power / limits) | s instant above | tokens | energy MJ | "
+        "$/Mtok | speed x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in pol.items():
         vs = p["tokens_per_joule"] / static_tpj if static_tpj else float("nan")
@@ -81,7 +82,8 @@ def markdown(meta: dict[str, Any], pol: dict[str, dict[str, Any]]) -> str:
             f"| {name} | {p['tokens_per_joule']:.3f} | {vs:.2f}x | {p['slo_attainment']:.3f} | "
             f"{p['slo_violation_windows']}/{p['slo_windows']} | "
             f"{p['seconds_above_budget']:.1f} ({p['seconds_power_above_budget']:.1f} / "
-            f"{p['seconds_limits_above_budget']:.1f}) | {p['tokens']:.3g} | "
+            f"{p['seconds_limits_above_budget']:.1f}) | "
+            f"{p['seconds_instant_above_budget']:.1f} | {p['tokens']:.3g} | "
             f"{p['energy_j'] / 1e6:.2f} | {'-' if cost is None else f'{cost:.4f}'} | "
             f"{p['speed_x_real_time']:.0f} |"
         )

@@ -243,3 +243,29 @@ def test_the_plan_keeps_below_the_budget_what_the_host_overshot_its_limits_by():
         obs(2.0, [gpu(0, 290.0, limit_w=300.0), gpu(1, 290.0, limit_w=300.0)], hot, 700)
     )
     assert sum(decision.power_limits_w.values()) <= 700.0 - 2.0 * 50.0 + 1e-6
+
+
+def test_averaged_power_above_budget_with_caps_at_floor_sheds_batch():
+    # Four GPUs at their 200 W floor; the budget (880 W) leaves no room for a guard band, and
+    # the 1 s average (4 x 230 W) is above it: less work is the only knob left.
+    ctrl = JointController()
+    gpus = [gpu(i, power_w=230.0, limit_w=200.0) for i in range(4)]
+    servers = [
+        server("a", (0, 1), signals(running=60), batch_limit=64),
+        server("b", (2, 3), signals(running=40), batch_limit=64),
+    ]
+    decision = ctrl.decide(obs(0.0, gpus, servers, budget_w=880.0))
+    assert not decision.infeasible
+    assert decision.batch_limits["a"] < 60 and decision.batch_limits["b"] < 40
+    assert any("every cap at its floor" in r for r in decision.reasons)
+
+
+def test_instant_spikes_alone_do_not_shed_batch():
+    ctrl = JointController()
+    gpus = [
+        dataclasses.replace(gpu(i, power_w=210.0, limit_w=200.0), power_instant_w=260.0)
+        for i in range(4)
+    ]
+    servers = [server("a", (0, 1), signals(running=60)), server("b", (2, 3), signals(running=40))]
+    decision = ctrl.decide(obs(0.0, gpus, servers, budget_w=880.0))
+    assert not any("every cap at its floor" in r for r in decision.reasons)
