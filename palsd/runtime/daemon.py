@@ -276,13 +276,11 @@ class Daemon:
             want = limits.get(link.name)
             if want is None or want == link.batch_limit:
                 continue
+            if link.batch_limit is None or link.max_num_seqs is None:
+                continue  # not read yet: without the original there is nothing to restore to
             if link.batch_task is not None and not link.batch_task.done():
                 continue  # one write in flight per server; the next tick tries again
-            top = (
-                min(x for x in (link.max_num_seqs, link.max_batch_limit) if x)
-                if (link.max_num_seqs or link.max_batch_limit)
-                else want
-            )
+            top = min(link.max_num_seqs, link.max_batch_limit or link.max_num_seqs)
             want = max(link.min_batch_limit, min(want, top))
             link.batch_task = asyncio.create_task(self._set_batch(link, want))
 

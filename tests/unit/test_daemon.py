@@ -138,3 +138,17 @@ async def test_stale_server_is_reported_not_fatal(tmp_path):
     server = daemon.status()["servers"][0]
     assert server["up"] is False and server["stale_reason"] == "not reachable"
     assert server["batch_limit"] == 256
+
+
+async def test_batch_limit_not_changed_before_its_original_is_known(tmp_path):
+    host = MemoryHost(2)
+    daemon = make_daemon(tmp_path, host)
+    link = daemon.servers[0]
+    daemon._act_batch({"s0": 8})  # the first tick's decision, before the read came back
+    assert link.batch_task is None and link.batch.sets == []
+    link.batch_limit, link.max_num_seqs = 256, 256
+    recorded: list[tuple[str, int]] = []
+    daemon._on_batch_original = lambda name, url, limit: recorded.append((name, limit))
+    daemon._act_batch({"s0": 8})
+    await link.batch_task
+    assert link.batch.sets == [8] and recorded == [("s0", 256)]
