@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as err:
-        print(f"{err.source}: configuration rejected: {'; '.join(err.problems)}", file=sys.stderr)
+        print(err.report(), file=sys.stderr)
         return 2
     configure_logging(cfg.logging.level, cfg.logging.format)
     log = get_logger()

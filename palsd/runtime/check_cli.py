@@ -17,9 +17,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
     except ConfigError as err:
-        print(f"{err.source}: {len(err.problems)} problem(s)", file=sys.stderr)
-        for line in err.problems:
-            print(f"  {line}", file=sys.stderr)
+        print(err.report(), file=sys.stderr)
         return 2
     gpus = "all" if cfg.gpu.indices is None else cfg.gpu.indices
     print(

@@ -194,6 +194,11 @@ class ConfigError(Exception):
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
 
+    def report(self) -> str:
+        """What every command prints: the file, the count, then one problem per line."""
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        return "\n".join(lines + [f"  {p}" for p in self.problems])
+
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""

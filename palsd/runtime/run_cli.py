@@ -42,9 +42,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as err:
-        print(f"{err.source}: configuration rejected:", file=sys.stderr)
-        for line in err.problems:
-            print(f"  {line}", file=sys.stderr)
+        print(err.report(), file=sys.stderr)
         return 2
     if args.dry_run:
         cfg = cfg.model_copy(update={"control": cfg.control.model_copy(update={"dry_run": True})})
