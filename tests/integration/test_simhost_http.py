@@ -3,10 +3,8 @@ httpx: the contract in docs/simhost.md."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,57 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from palsd.errors import GpuInvalidArgument
 from palsd.sense.simhost import SimHostBackend
 from palsd.sense.vllm_metrics import parse_metrics
-
-PALSD = [sys.executable, "-m", "palsd.cli.palsd"]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"sim-host exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise AssertionError("sim-host did not write its ready file")
+from tests.integration.procs import PALSD, sim_host
 
 
 @pytest.fixture
 def simhost(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    ready = tmp_path / "ready.json"
-    log = (tmp_path / "simhost.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            *PALSD,
-            "sim-host",
-            "--gpus",
-            "4",
-            "--servers",
-            "2",
-            "--workload",
-            "poisson",
-            "--speed",
-            "10",
-            "--seed",
-            "3",
-            "--listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_for(ready, proc, 30)
-        info = json.loads(ready.read_text())
-        info["proc"] = proc
+    extra = ("--workload", "poisson", "--speed", "10", "--seed", "3")
+    with sim_host(tmp_path, 4, 2, *extra) as info:
         yield info
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_ready_file_names_the_gpus_and_servers(simhost: dict[str, Any]) -> None:
