@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv system-deps lint typecheck unit integration bench clean vllm-env
+.PHONY: run test venv system-deps lint typecheck bench bench-tick clean vllm-env
 
 venv: $(STAMP)
 
@@ -60,6 +60,10 @@ test: venv system-deps vllm-env
 
 clean:
 	rm -rf $(VENV) run out build *.egg-info
+
+# Every benchmark that prints numbers: tick cost, budget enforcement over MQTT, the twin's speed.
+bench: bench-tick bench-mqtt
+	$(BIN)/python -m palsd.sim.calibrate --speed --seconds 3600
 
 # CPU cost of one control tick for 8 GPUs and 8 servers (prints a table and a JSON line).
 bench-tick: venv
