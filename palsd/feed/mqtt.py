@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import socket
 import ssl
@@ -112,8 +113,13 @@ class MqttFeed:
         status_provider: Callable[[], dict[str, Any]],
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
+        seq_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        # Where the sequence book survives a restart, so an old (unexpired) message replayed
+        # to a restarted daemon is still refused. None: in memory only.
+        self.seq_path = seq_path
+        self._seq_save: asyncio.Task[None] | None = None
         self.sink = sink
         self.status_provider = status_provider
         self.clock = clock
@@ -142,6 +148,37 @@ class MqttFeed:
 
     # ---- what the daemon reads ----
 
+    def _load_seqs(self, path: Path) -> SeqBook:
+        try:
+            return SeqBook.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return SeqBook()
+        except (OSError, ValueError) as err:
+            # Refuse nothing and trust nothing stale: start empty, but say so loudly.
+            self.log.error("mqtt_seq_record_unreadable", path=str(path), error=str(err))
+            return SeqBook()
+
+    def _save_seqs_soon(self) -> None:
+        """Write the book after the budget is handed over, off the loop, one write at a time
+        (a burst of messages costs one write of the latest book, not one per message)."""
+        if self.seq_path is None or (self._seq_save is not None and not self._seq_save.done()):
+            return
+        self._seq_save = asyncio.get_running_loop().create_task(self._save_seqs())
+
+    async def _save_seqs(self) -> None:
+        assert self.seq_path is not None
+        while True:
+            book = self.seqs
+            try:
+                await asyncio.to_thread(_write_atomically, self.seq_path, book.to_json())
+            except OSError as err:
+                self.log.error(
+                    "mqtt_seq_record_write_failed", path=str(self.seq_path), error=str(err)
+                )
+                return
+            if self.seqs is book:  # nothing newer arrived while writing
+                return
+
     def state(self) -> dict[str, Any]:
         r = self._last_reject
         return {
@@ -169,6 +206,8 @@ class MqttFeed:
 
     async def run(self) -> None:
         """Stay connected until cancelled; on any failure log it, back off, try again."""
+        if self.seq_path is not None:
+            self.seqs = await asyncio.to_thread(self._load_seqs, self.seq_path)
         failures = 0
         while True:
             self._attempts += 1
@@ -284,6 +323,7 @@ class MqttFeed:
             self.log.debug("mqtt_duplicate_ignored", topic=topic, seq=decoded.seq)
             return
         self.seqs = self.seqs.accepted(route.origin, decoded)
+        self._save_seqs_soon()
         self._last_message_at = now
         self.metrics.last_message_ts.set(now)
         if isinstance(decoded, BudgetMessage):
@@ -352,3 +392,13 @@ async def _quietly(coro: Any) -> None:
 def _describe(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     return f"{type(err).__name__}: {text}"
+
+
+def _write_atomically(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -313,3 +313,25 @@ class SeqBook:
         updated = dict(self.last)
         updated[(origin, msg.sender)] = (msg.seq, msg.digest)
         return replace(self, last=updated)
+
+    def to_json(self) -> list[list[Any]]:
+        return [[o, s, seq, d] for (o, s), (seq, d) in sorted(self.last.items())]
+
+    @classmethod
+    def from_json(cls, rows: Any) -> SeqBook:
+        """Raises ValueError on anything but what to_json wrote."""
+        if not isinstance(rows, list):
+            raise ValueError("expected a list of [origin, sender, seq, digest]")
+        last: dict[tuple[str, str], tuple[int, str]] = {}
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 4):
+                raise ValueError(f"bad row {row!r}")
+            origin, sender, seq, digest = row
+            if not (
+                isinstance(origin, str) and isinstance(sender, str) and isinstance(digest, str)
+            ):
+                raise ValueError(f"bad row {row!r}")
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise ValueError(f"bad seq in {row!r}")
+            last[(origin, sender)] = (seq, digest)
+        return cls(last=last)

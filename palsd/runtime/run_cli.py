@@ -195,7 +195,13 @@ async def _run_feed(
 ) -> None:
     from palsd.feed.mqtt import MqttFeed
 
-    feed = MqttFeed(cfg.mqtt, daemon, daemon.status, metrics.registry)
+    feed = MqttFeed(
+        cfg.mqtt,
+        daemon,
+        daemon.status,
+        metrics.registry,
+        seq_path=cfg.state.dir / "mqtt-seq.json",
+    )
     daemon.status_extra["feed"] = feed.state
     task = asyncio.create_task(feed.run(), name="mqtt-client")
     await stop.wait()

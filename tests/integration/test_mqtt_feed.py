@@ -305,3 +305,30 @@ async def test_last_will_offline_when_the_process_is_killed(broker):
             proc.kill()
         proc.wait()
     assert await retained(broker, "test/palsd/h1/state") == b"offline"
+
+
+async def test_sequence_book_survives_a_restart_so_a_replay_is_still_refused(broker, tmp_path):
+    seq_path = tmp_path / "state" / "mqtt-seq.json"
+    topic = "test/palsd/h1/budget"
+    first = encode(budget(7, 2500))
+
+    async def feed_once(payload: bytes, until_what: Callable[[RecordingSink, Any], Any]):
+        sink, registry = RecordingSink(), CollectorRegistry()
+        feed = MqttFeed(feed_config(broker), sink, lambda: STATUS, registry, seq_path=seq_path)
+        task = asyncio.create_task(feed.run())
+        try:
+            await until(lambda: feed.state()["connected"], "connected")
+            await publish(broker, topic, payload)
+            await until(lambda: until_what(sink, registry), "the message handled")
+            await until(seq_path.exists, "the sequence book on disk")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return sink
+
+    sink = await feed_once(first, lambda s, r: s.calls)
+    assert sink.calls[0][1].watts == 2500
+    # A restarted daemon: the same sender's seq 7 again, other bytes (a captured-and-edited
+    # or an old message) is a replay, not news.
+    sink = await feed_once(encode(budget(7, 9000)), lambda s, r: rejected(r, "replayed_seq") == 1)
+    assert sink.calls == []

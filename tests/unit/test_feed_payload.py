@@ -297,3 +297,14 @@ def test_json_schema_matches_the_decoder() -> None:
     for bad in (good(budget_w=-1), good(seq=1.5), good(ttl_s=_DROP), good(extra=1)):
         assert list(validator.iter_errors(bad)), bad
         assert isinstance(decode_budget(raw(bad), NOW, RULES), Rejected)
+
+
+def test_seq_book_round_trips_and_rejects_a_corrupt_record():
+    book = SeqBook().accepted(
+        "t/h1/budget", BudgetMessage(2500.0, 7, 0.0, 60.0, "fms", "", "d" * 64)
+    )
+    again = SeqBook.from_json(json.loads(json.dumps(book.to_json())))
+    assert again == book
+    for bad in ({"x": 1}, [["t", "fms", "7", "d"]], [["t", "fms", True, "d"]], [["t", "fms"]]):
+        with pytest.raises(ValueError):
+            SeqBook.from_json(bad)
