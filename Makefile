@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv system-deps lint typecheck bench bench-tick clean vllm-env
+.PHONY: run test test-repeat venv system-deps lint typecheck bench bench-tick clean vllm-env
 
 venv: $(STAMP)
 
@@ -56,7 +56,17 @@ typecheck: venv
 test: venv system-deps vllm-env
 	$(BIN)/ruff check palsd tests tools
 	$(BIN)/mypy
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -rs -p no:cacheprovider tests
+
+# The integration tests N times in a row (default 3), each run's wall time printed; stops at the
+# first failing run. `make test-repeat N=5`.
+N ?= 3
+test-repeat: venv system-deps vllm-env
+	@for i in $$(seq 1 $(N)); do \
+	  start=$$(date +%s); \
+	  $(BIN)/pytest -q -rs -p no:cacheprovider tests/integration || { echo "run $$i of $(N): FAILED"; exit 1; }; \
+	  echo "run $$i of $(N): passed in $$(( $$(date +%s) - start )) s"; \
+	done
 
 clean:
 	rm -rf $(VENV) run out build *.egg-info

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from palsd.runtime.config import PalsdConfig
+from palsd.config import PalsdConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (tools/gen_config_doc.py) -->"

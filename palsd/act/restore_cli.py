@@ -12,9 +12,9 @@ import httpx
 
 from palsd.act.originals import OriginalsStore
 from palsd.act.restore import put_back
+from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
-from palsd.runtime.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from palsd.runtime.wiring import make_backend, make_server_links
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from palsd.config import MqttConfig
 from palsd.core.budget import BudgetEntry
 from palsd.feed.backoff import backoff_s
 from palsd.feed.payload import (
@@ -37,7 +38,6 @@ from palsd.feed.payload import (
 )
 from palsd.feed.topics import FeedTopics, Kind, Route
 from palsd.report.logs import get_logger
-from palsd.runtime.config import MqttConfig
 
 
 class BudgetSink(Protocol):

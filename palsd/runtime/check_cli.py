@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from palsd.runtime.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,11 +21,11 @@ from palsd.act.originals import OriginalsStore
 from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
 from palsd.api.server import ApiServer
+from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, PalsdConfig, load_config
 from palsd.core.budget import BudgetBook
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
 from palsd.report.metrics import Metrics
-from palsd.runtime.config import DEFAULT_CONFIG_PATH, ConfigError, PalsdConfig, load_config
 from palsd.runtime.daemon import Daemon
 from palsd.runtime.notify import Notifier
 from palsd.runtime.wiring import make_backend, make_controller, make_server_links, read_secret

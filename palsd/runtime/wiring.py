@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
+from palsd.config import PalsdConfig, ServerConfig
 from palsd.core.types import Controller, Slo
-from palsd.runtime.config import PalsdConfig, ServerConfig
 from palsd.sense.gpu import GpuBackend
 
 

@@ -3,7 +3,6 @@ socket, or the bearer token on loopback TCP. Real daemon, real sockets, a real n
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -12,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.foreign_user import foreign_runtime, unavailable_reason
 from tests.integration.procs import PALSCTL, palsd, palsd_config, sim_host
-
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -26,25 +24,18 @@ def open_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 def test_non_root_caller_reads_but_cannot_change(tmp_path, open_dir):
-    with sim_host(tmp_path, gpus=2, servers=1) as sim:
+    with sim_host(tmp_path, gpus=2, servers=1) as sim, foreign_runtime() as nobody:
         cfg = palsd_config(sim, tmp_path, api={"socket": str(open_dir / "palsd.sock")})
         with palsd(tmp_path, cfg) as d:
-            as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-            env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path.cwd())}
+            palsctl = nobody.command("palsd.cli.palsctl", "--socket", str(d.socket))
             read = subprocess.run(
-                [*as_nobody, *PALSCTL, "--socket", str(d.socket), "status", "--json"],
-                capture_output=True,
-                text=True,
-                env=env,
+                [*palsctl, "status", "--json"], capture_output=True, text=True, env=nobody.env()
             )
             assert read.returncode == 0, read.stderr
             change = subprocess.run(
-                [*as_nobody, *PALSCTL, "--socket", str(d.socket), "set-budget", "500W"],
-                capture_output=True,
-                text=True,
-                env=env,
+                [*palsctl, "set-budget", "500W"], capture_output=True, text=True, env=nobody.env()
             )
             assert change.returncode == 1
             assert "403" in change.stderr and "admin group" in change.stderr

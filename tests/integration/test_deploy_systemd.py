@@ -44,7 +44,10 @@ def test_systemd_analyze_verify_passes_with_the_binary_present(tmp_path: Path) -
     unit.write_text(UNIT.read_text().replace(INSTALLED_BIN, str(stub)))
     proc = subprocess.run(
         ["systemd-analyze", "verify", str(unit)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # verify prints warnings (unknown keys, bad values) without failing: there must be none.
@@ -55,7 +58,9 @@ def test_systemd_analyze_verify_passes_with_the_binary_present(tmp_path: Path) -
 def test_security_exposure_matches_the_documented_score() -> None:
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"Overall exposure level for palsd\.service: ([0-9.]+)", proc.stdout)
@@ -90,10 +95,14 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-    groups = {ln.split(":")[0]: int(ln.split(":")[2])
-              for ln in (tmp_path / "etc/group").read_text().splitlines()}
-    users = {ln.split(":")[0]: int(ln.split(":")[2])
-             for ln in (tmp_path / "etc/passwd").read_text().splitlines()}
+    groups = {
+        ln.split(":")[0]: int(ln.split(":")[2])
+        for ln in (tmp_path / "etc/group").read_text().splitlines()
+    }
+    users = {
+        ln.split(":")[0]: int(ln.split(":")[2])
+        for ln in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
     gid, uid = groups["palsd"], users["palsd"]
     conf, state = (tmp_path / "etc/palsd").stat(), (tmp_path / "var/lib/palsd").stat()
     assert (conf.st_uid, conf.st_gid, stat.S_IMODE(conf.st_mode)) == (0, gid, 0o750)
@@ -113,7 +122,9 @@ def test_exec_stop_post_command_runs_and_is_idempotent_with_nothing_recorded(
     for _ in range(2):
         proc = subprocess.run(
             [sys.executable, "-m", "palsd.cli.palsd", *args],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not (tmp_path / "state" / "originals.json").exists()

@@ -18,11 +18,11 @@ import aiomqtt
 import pytest
 from prometheus_client import CollectorRegistry
 
+from palsd.config import MqttConfig
 from palsd.core.budget import BudgetBook, BudgetEntry
 from palsd.core.types import BudgetSource
 from palsd.feed.mqtt import MqttFeed
 from palsd.feed.payload import encode
-from palsd.runtime.config import MqttConfig
 from tests.mosquitto import Broker, mosquitto_binary
 
 pytestmark = [
@@ -268,7 +268,7 @@ FEED_PROCESS = """
 import asyncio, sys
 from prometheus_client import CollectorRegistry
 from palsd.feed.mqtt import MqttFeed
-from palsd.runtime.config import MqttConfig
+from palsd.config import MqttConfig
 
 class Sink:
     def facility_budget(self, origin, entry): pass

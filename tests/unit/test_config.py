@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from palsd.runtime.config import ConfigError, load_config, parse_config
+from palsd.config import ConfigError, load_config, parse_config
 
 
 def test_defaults_are_valid():

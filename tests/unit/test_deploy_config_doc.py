@@ -9,7 +9,7 @@ from types import ModuleType
 
 from pydantic import BaseModel
 
-from palsd.runtime.config import PalsdConfig
+from palsd.config import PalsdConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from palsd.config import parse_config
 from palsd.feed.mqtt import _FeedMetrics
 from palsd.report.metrics import Metrics
-from palsd.runtime.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

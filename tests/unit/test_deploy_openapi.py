@@ -11,9 +11,9 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from palsd.api.server import ApiServer
+from palsd.config import MqttConfig
 from palsd.feed.mqtt import MqttFeed
 from palsd.report.metrics import Metrics
-from palsd.runtime.config import MqttConfig
 from tests.unit.test_daemon import MemoryHost, make_daemon
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"

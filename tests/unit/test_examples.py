@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from palsd.runtime.config import load_config
+from palsd.config import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "deploy" / "examples").glob("*.yaml"))
 
