@@ -308,9 +308,11 @@ class MqttFeed:
             self._reject(topic, Rejected("unknown_topic", "not a subscribed topic"))
             return
         if route.kind is Kind.BUDGET:
-            decoded: Any = decode_budget(raw, now, self.rules, self.cfg.max_budget_w / route.share)
+            decoded: Any = decode_budget(
+                raw, now, self.rules, topic=topic, max_budget_w=self.cfg.max_budget_w / route.share
+            )
         else:
-            decoded = decode_price(raw, now, self.rules)
+            decoded = decode_price(raw, now, self.rules, topic=topic)
         if isinstance(decoded, Rejected):
             self._reject(topic, decoded)
             return

@@ -4,21 +4,26 @@ Rules of this file: a message is either fully valid or rejected with one reason 
 the `reason` of palsd_mqtt_rejected_total) and a detail for people; nothing is half-applied.
 Checks run in a fixed order: size, JSON, object shape, signature, fields, values, times. The
 signature comes before the fields so that nothing unauthenticated is interpreted when signing is
-required. Sequence numbers are checked by `SeqBook`, kept by the caller.
+required; it covers the topic and the kind too (signing.py). Sequence numbers are checked by
+`SeqBook`, kept by the caller. Every function here is total: whatever bytes come in, the answer
+is a message or a `Rejected`, never an exception (tests/unit/test_feed_fuzz.py holds it to that).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from palsd.feed.signing import sign, signature_problem
+
 MAX_PAYLOAD_BYTES = 4096
-MAX_SEQ = 2**63 - 1
+# 2^53 - 1: the largest integer every JSON reader holds exactly (RFC 7493), so the canonical
+# form (RFC 8785, numbers as doubles) of two different seqs is never the same.
+MAX_SEQ = 2**53 - 1
 MAX_ABS_PRICE_PER_MWH = 1_000_000.0
 MAX_TEXT = 256
 
@@ -91,21 +96,15 @@ class PriceMessage:
 Message = BudgetMessage | PriceMessage
 
 
-def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: every field but `sig`, keys sorted, no whitespace, UTF-8."""
-    body = {k: v for k, v in obj.items() if k != "sig"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def sign(obj: Mapping[str, Any], key: bytes) -> str:
-    return hmac.new(key, canonical_bytes(obj), hashlib.sha256).hexdigest()
-
-
-def encode(obj: Mapping[str, Any], key: bytes | None = None) -> bytes:
-    """A message as a sender would publish it: canonical JSON, signed when a key is given."""
+def encode(
+    obj: Mapping[str, Any], key: bytes | None = None, *, topic: str = "", kind: str = "budget"
+) -> bytes:
+    """A message as a sender would publish it: compact JSON with sorted keys, signed for `topic`
+    and `kind` when a key is given (signing.signed_message is the same for valid fields; this
+    one also writes NaN, for tests of what palsd refuses)."""
     body = {k: v for k, v in obj.items() if k != "sig"}
     if key is not None:
-        body["sig"] = sign(body, key)
+        body["sig"] = sign(key, topic, kind, body)
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -142,19 +141,17 @@ def _parse(raw: bytes, allowed: frozenset[str], required: tuple[str, ...]) -> di
     return obj
 
 
-def _check_signature(obj: dict[str, Any], rules: Rules) -> None:
+def _check_signature(obj: dict[str, Any], rules: Rules, topic: str, kind: str) -> None:
     sig = obj.get("sig")
     if sig is None:
         if rules.require_signature:
             raise _Reject("missing_signature", "a signature is required and there is none")
         return
-    if not isinstance(sig, str):
-        raise _Reject("wrong_type", "sig must be a hex string")
     if rules.hmac_key is None:
         return  # no key configured: nothing to check it against (documented)
-    expected = sign(obj, rules.hmac_key)
-    if not hmac.compare_digest(expected, sig.lower()):
-        raise _Reject("bad_signature", "HMAC-SHA256 over the canonical payload does not match")
+    problem = signature_problem(rules.hmac_key, topic, kind, obj, sig)
+    if problem is not None:
+        raise _Reject("bad_signature", problem)
 
 
 def _number(obj: Mapping[str, Any], key: str) -> float:
@@ -242,13 +239,14 @@ def _who(obj: Any) -> tuple[str | None, int | None]:
 
 
 def decode_budget(
-    raw: bytes, now_s: float, rules: Rules, max_budget_w: float | None = None
+    raw: bytes, now_s: float, rules: Rules, *, topic: str, max_budget_w: float | None = None
 ) -> BudgetMessage | Rejected:
-    """`max_budget_w` overrides rules.max_budget_w (a group topic bounds the unscaled value)."""
+    """A budget published on `topic` (the signature covers it). `max_budget_w` overrides
+    rules.max_budget_w (a group topic bounds the unscaled value)."""
     obj: Any = None
     try:
         obj = _parse(raw, BUDGET_FIELDS, ("budget_w", "seq", "issued_at", "sender"))
-        _check_signature(obj, rules)
+        _check_signature(obj, rules, topic, "budget")
         sender = _text(obj, "sender", required=True)
         seq = _seq(obj)
         budget_w = _number(obj, "budget_w")
@@ -266,11 +264,11 @@ def decode_budget(
     )
 
 
-def decode_price(raw: bytes, now_s: float, rules: Rules) -> PriceMessage | Rejected:
+def decode_price(raw: bytes, now_s: float, rules: Rules, *, topic: str) -> PriceMessage | Rejected:
     obj: Any = None
     try:
         obj = _parse(raw, PRICE_FIELDS, ("price_per_mwh", "seq", "issued_at", "sender"))
-        _check_signature(obj, rules)
+        _check_signature(obj, rules, topic, "price")
         sender = _text(obj, "sender", required=True)
         seq = _seq(obj)
         price = _number(obj, "price_per_mwh")  # may be negative: such prices happen

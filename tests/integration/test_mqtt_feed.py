@@ -177,27 +177,33 @@ async def test_rejections_counted_and_change_nothing(broker, running, tmp_path):
     feed, sink, registry = running(cfg)
     await until(lambda: feed.state()["connected"], "connected")
     topic = "test/palsd/h1/budget"
-    await publish(broker, topic, encode(budget(5, 4000), KEY))
+
+    def signed(msg: dict[str, Any], key: bytes = KEY, on: str = topic) -> bytes:
+        return encode(msg, key, topic=on, kind="budget")
+
+    await publish(broker, topic, signed(budget(5, 4000)))
     await until(lambda: sink.calls, "signed budget")
     bad = [
         (b"{not json", "malformed_json"),
         (encode(budget(6, 4000)), "missing_signature"),
-        (encode(budget(6, 4000), b"wrong key"), "bad_signature"),
-        (encode(budget(6, float("nan")), KEY), "not_finite"),
-        (encode(budget(6, True), KEY), "wrong_type"),
-        (encode(budget(6, 10**9), KEY), "above_max"),
-        (encode(budget(4, 1000), KEY), "replayed_seq"),
-        (encode(budget(6, 1000, issued_at=time.time() + 600), KEY), "from_the_future"),
-        (encode(budget(6, 1000, ttl_s=10**6), KEY), "ttl_too_long"),
+        (signed(budget(6, 4000), b"wrong key"), "bad_signature"),
+        # signed for another host's topic: a replay across topics
+        (signed(budget(6, 4000), on="test/palsd/h2/budget"), "bad_signature"),
+        (signed(budget(6, True)), "wrong_type"),
+        (signed(budget(6, 10**9)), "above_max"),
+        (signed(budget(4, 1000)), "replayed_seq"),
+        (signed(budget(6, 1000, issued_at=time.time() + 600)), "from_the_future"),
+        (signed(budget(6, 1000, ttl_s=10**6)), "ttl_too_long"),
     ]
     for payload, _ in bad:
         await publish(broker, topic, payload)
     for _, reason in bad:
-        await until(lambda r=reason: rejected(registry, r) == 1, f"{reason} counted")
+        want = sum(1 for _, r in bad if r == reason)
+        await until(lambda r=reason, n=want: rejected(registry, r) == n, f"{reason} counted")
     assert len(sink.calls) == 1
     assert feed.state()["messages_total"]["rejected"] == len(bad)
     # the same signed bytes again (a redelivery) are a duplicate, not a rejection
-    first = encode(budget(7, 3500), KEY)
+    first = signed(budget(7, 3500))
     await publish(broker, topic, first)
     await publish(broker, topic, first)
     await until(

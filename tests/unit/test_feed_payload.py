@@ -17,17 +17,18 @@ from palsd.feed.payload import (
     Rejected,
     Rules,
     SeqBook,
-    canonical_bytes,
     decode_budget,
     decode_price,
     encode,
-    sign,
 )
+from palsd.feed.signing import canonical_json, sign, signing_input
 
 NOW = 1_800_000_000.0
 KEY = b"s3cret-key"
 RULES = Rules(max_budget_w=20_000, max_ttl_s=3600, max_clock_skew_s=30)
 SIGNED = Rules(20_000, 3600, 30, require_signature=True, hmac_key=KEY)
+TOPIC = "t/h1/budget"
+PRICE = "t/price"
 
 
 def good(**changes: Any) -> dict[str, Any]:
@@ -75,7 +76,6 @@ REJECTIONS: list[tuple[str, bytes, str]] = [
     ("seq a bool", raw(good(seq=True)), "wrong_type"),
     ("sender a number", raw(good(sender=5)), "wrong_type"),
     ("reason a list", raw(good(reason=["x"])), "wrong_type"),
-    ("sig a number", raw(good(sig=5)), "wrong_type"),
     ("budget_w NaN", b'{"budget_w": NaN, "seq": 1, "issued_at": 1, "sender": "a"}', "not_finite"),
     (
         "budget_w Infinity",
@@ -88,7 +88,7 @@ REJECTIONS: list[tuple[str, bytes, str]] = [
     ("zero budget", raw(good(budget_w=0)), "not_positive"),
     ("absurd budget", raw(good(budget_w=20_001)), "above_max"),
     ("negative seq", raw(good(seq=-1)), "bad_seq"),
-    ("seq beyond 63 bits", raw(good(seq=2**63)), "bad_seq"),
+    ("seq beyond 53 bits", raw(good(seq=2**53)), "bad_seq"),
     ("ttl and expires_at", raw(good(expires_at=NOW + 60)), "conflicting_expiry"),
     ("zero ttl", raw(good(ttl_s=0)), "not_positive"),
     ("issued_at zero", raw(good(issued_at=0)), "not_positive"),
@@ -116,7 +116,7 @@ REJECTIONS: list[tuple[str, bytes, str]] = [
 
 @pytest.mark.parametrize(("case", "payload", "reason"), REJECTIONS, ids=[r[0] for r in REJECTIONS])
 def test_budget_rejection_reasons(case: str, payload: bytes, reason: str) -> None:
-    result = decode_budget(payload, NOW, RULES)
+    result = decode_budget(payload, NOW, RULES, topic=TOPIC)
     assert isinstance(result, Rejected), case
     assert result.reason == reason, result.detail
     assert reason in REASONS
@@ -134,7 +134,7 @@ def test_every_reason_but_transport_ones_is_covered_by_the_table() -> None:
 
 
 def test_valid_budget_decodes_with_expiry_from_ttl() -> None:
-    result = decode_budget(raw(good()), NOW, RULES)
+    result = decode_budget(raw(good()), NOW, RULES, topic=TOPIC)
     assert isinstance(result, BudgetMessage)
     assert (result.budget_w, result.seq, result.sender) == (4000.0, 7, "fms-1")
     assert result.expires_at == NOW - 1 + 300
@@ -143,7 +143,7 @@ def test_valid_budget_decodes_with_expiry_from_ttl() -> None:
 
 def test_valid_budget_with_absolute_expiry_and_small_clock_skew() -> None:
     msg = good(ttl_s=_DROP, issued_at=NOW + 20, expires_at=NOW + 120, reason=_DROP)
-    result = decode_budget(raw(msg), NOW, RULES)
+    result = decode_budget(raw(msg), NOW, RULES, topic=TOPIC)
     assert isinstance(result, BudgetMessage)
     assert result.expires_at == NOW + 120
     assert result.reason == ""
@@ -151,25 +151,29 @@ def test_valid_budget_with_absolute_expiry_and_small_clock_skew() -> None:
 
 def test_group_topic_bound_is_passed_in_for_the_unscaled_value() -> None:
     big = raw(good(budget_w=80_000))
-    assert isinstance(decode_budget(big, NOW, RULES), Rejected)
-    assert isinstance(decode_budget(big, NOW, RULES, max_budget_w=20_000 / 0.25), BudgetMessage)
+    assert isinstance(decode_budget(big, NOW, RULES, topic=TOPIC), Rejected)
+    assert isinstance(
+        decode_budget(big, NOW, RULES, topic=TOPIC, max_budget_w=20_000 / 0.25), BudgetMessage
+    )
 
 
 # ---- signatures ----
 
 
 def test_signed_message_accepted_when_signature_required() -> None:
-    assert isinstance(decode_budget(encode(good(), KEY), NOW, SIGNED), BudgetMessage)
+    assert isinstance(
+        decode_budget(encode(good(), KEY, topic=TOPIC), NOW, SIGNED, topic=TOPIC), BudgetMessage
+    )
 
 
 def test_unsigned_message_rejected_when_signature_required() -> None:
-    result = decode_budget(encode(good()), NOW, SIGNED)
+    result = decode_budget(encode(good()), NOW, SIGNED, topic=TOPIC)
     assert isinstance(result, Rejected) and result.reason == "missing_signature"
 
 
 def test_signature_checked_before_fields_when_required() -> None:
     # garbage without a signature says "missing_signature", not what is wrong inside it
-    result = decode_budget(raw(good(budget_w="lots")), NOW, SIGNED)
+    result = decode_budget(raw(good(budget_w="lots")), NOW, SIGNED, topic=TOPIC)
     assert isinstance(result, Rejected) and result.reason == "missing_signature"
 
 
@@ -179,62 +183,89 @@ def test_signature_checked_before_fields_when_required() -> None:
         lambda m: {**m, "budget_w": 9000},
         lambda m: {**m, "sig": m["sig"][:-1] + ("0" if m["sig"][-1] != "0" else "1")},
         lambda m: {**m, "sig": "zz"},
-        lambda m: {**m, "sig": sign(m, b"another key")},
+        lambda m: {**m, "sig": "é"},  # the poison message of issue 12: non-ASCII
+        lambda m: {**m, "sig": m["sig"] + "00"},
+        lambda m: {**m, "sig": "g" * 64},
+        lambda m: {**m, "sig": 5},
+        lambda m: {**m, "sig": ["a"]},
+        lambda m: {**m, "sig": sign(b"another key", TOPIC, "budget", m)},
+        lambda m: {**m, "sig": sign(KEY, "t/h2/budget", "budget", m)},
+        lambda m: {**m, "sig": sign(KEY, TOPIC, "price", m)},
     ],
-    ids=["changed field", "flipped digit", "not hex", "other key"],
+    ids=[
+        "changed field",
+        "flipped digit",
+        "not hex",
+        "non-ASCII",
+        "too long",
+        "hex-length but not hex",
+        "a number",
+        "a list",
+        "other key",
+        "other topic",
+        "other kind",
+    ],
 )
 def test_bad_signature_rejected(tamper: Any) -> None:
-    signed = json.loads(encode(good(), KEY))
-    result = decode_budget(raw(tamper(signed)), NOW, SIGNED)
+    signed = json.loads(encode(good(), KEY, topic=TOPIC))
+    result = decode_budget(raw(tamper(signed)), NOW, SIGNED, topic=TOPIC)
     assert isinstance(result, Rejected) and result.reason == "bad_signature"
 
 
 def test_bad_signature_rejected_even_when_not_required_if_a_key_is_set() -> None:
     rules = Rules(20_000, 3600, 30, require_signature=False, hmac_key=KEY)
-    assert isinstance(decode_budget(encode(good()), NOW, rules), BudgetMessage)
-    result = decode_budget(encode(good(), b"wrong"), NOW, rules)
+    assert isinstance(decode_budget(encode(good()), NOW, rules, topic=TOPIC), BudgetMessage)
+    result = decode_budget(encode(good(), b"wrong", topic=TOPIC), NOW, rules, topic=TOPIC)
     assert isinstance(result, Rejected) and result.reason == "bad_signature"
 
 
 def test_signature_ignored_without_a_key() -> None:
-    assert isinstance(decode_budget(encode(good(), b"whatever"), NOW, RULES), BudgetMessage)
+    assert isinstance(
+        decode_budget(encode(good(), b"whatever", topic=TOPIC), NOW, RULES, topic=TOPIC),
+        BudgetMessage,
+    )
 
 
 def test_uppercase_hex_signature_accepted() -> None:
-    signed = json.loads(encode(good(), KEY))
+    signed = json.loads(encode(good(), KEY, topic=TOPIC))
     signed["sig"] = signed["sig"].upper()
-    assert isinstance(decode_budget(raw(signed), NOW, SIGNED), BudgetMessage)
+    assert isinstance(decode_budget(raw(signed), NOW, SIGNED, topic=TOPIC), BudgetMessage)
 
 
 def test_canonical_form_is_sorted_compact_utf8_without_sig() -> None:
     obj = {"sender": "ünï", "budget_w": 1.5, "seq": 1, "sig": "abc"}
-    assert canonical_bytes(obj) == '{"budget_w":1.5,"sender":"ünï","seq":1}'.encode()
+    assert canonical_json(obj) == '{"budget_w":1.5,"sender":"ünï","seq":1}'.encode()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_openssl_recipe_in_docs_gives_the_same_signature(tmp_path) -> None:
+    # The docs' shell recipe: printf the scheme, kind, topic and canonical fields, HMAC them.
     key_file = tmp_path / "key"
     key_file.write_text(KEY.decode() + "\n")
-    payload = canonical_bytes(good()).decode()
+    payload = canonical_json(good()).decode()
     script = (
-        'printf \'%s\' "$PAYLOAD" | openssl dgst -sha256 -hmac "$(cat "$KEYFILE")" -r '
-        "| cut -d' ' -f1"
+        'printf \'palsd-feed-v2\\nbudget\\n%s\\n%s\' "$TOPIC" "$PAYLOAD" '
+        '| openssl dgst -sha256 -hmac "$(cat "$KEYFILE")" -r | cut -d\' \' -f1'
     )
     out = subprocess.run(
         ["bash", "-c", script],
-        env={"PAYLOAD": payload, "KEYFILE": str(key_file), "PATH": "/usr/bin:/bin"},
+        env={"PAYLOAD": payload, "TOPIC": TOPIC, "KEYFILE": str(key_file), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         check=True,
     )
-    assert out.stdout.strip() == sign(good(), KEY)
+    assert out.stdout.strip() == sign(KEY, TOPIC, "budget", good())
+    assert (
+        signing_input(TOPIC, "budget", good())
+        == f"palsd-feed-v2\nbudget\n{TOPIC}\n{payload}".encode()
+    )
 
 
 # ---- sequence numbers ----
 
 
 def _msg(seq: int, budget_w: float = 4000) -> BudgetMessage:
-    result = decode_budget(raw(good(seq=seq, budget_w=budget_w)), NOW, RULES)
+    result = decode_budget(raw(good(seq=seq, budget_w=budget_w)), NOW, RULES, topic=TOPIC)
     assert isinstance(result, BudgetMessage)
     return result
 
@@ -260,7 +291,7 @@ def test_same_bytes_again_is_a_duplicate_not_a_replay() -> None:
 
 def test_price_may_be_negative_and_needs_no_expiry() -> None:
     msg = {"price_per_mwh": -12.5, "seq": 1, "issued_at": NOW, "sender": "market"}
-    result = decode_price(raw(msg), NOW, RULES)
+    result = decode_price(raw(msg), NOW, RULES, topic=PRICE)
     assert isinstance(result, PriceMessage)
     assert (result.price_per_mwh, result.expires_at) == (-12.5, None)
 
@@ -276,7 +307,7 @@ def test_price_may_be_negative_and_needs_no_expiry() -> None:
 )
 def test_price_rejections(changes: dict[str, Any], reason: str) -> None:
     msg = {"price_per_mwh": 50.0, "seq": 1, "issued_at": NOW, "sender": "market", **changes}
-    result = decode_price(raw(msg), NOW, RULES)
+    result = decode_price(raw(msg), NOW, RULES, topic=PRICE)
     assert isinstance(result, Rejected) and result.reason == reason
 
 
@@ -291,12 +322,12 @@ def test_json_schema_matches_the_decoder() -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
     assert set(schema["properties"]) == set(BUDGET_FIELDS)
     validator = jsonschema.Draft202012Validator(schema)
-    signed = json.loads(encode(good(), KEY))
+    signed = json.loads(encode(good(), KEY, topic=TOPIC))
     for ok in (good(), signed, good(ttl_s=_DROP, expires_at=NOW + 60)):
         assert not list(validator.iter_errors(ok)), ok
     for bad in (good(budget_w=-1), good(seq=1.5), good(ttl_s=_DROP), good(extra=1)):
         assert list(validator.iter_errors(bad)), bad
-        assert isinstance(decode_budget(raw(bad), NOW, RULES), Rejected)
+        assert isinstance(decode_budget(raw(bad), NOW, RULES, topic=TOPIC), Rejected)
 
 
 def test_seq_book_round_trips_and_rejects_a_corrupt_record():
