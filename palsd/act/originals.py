@@ -1,17 +1,20 @@
 """The ownership record: each GPU's and server's value from before palsd first changed it.
 
-Written atomically (temp file, fsync, rename) before the first write to a GPU or server, so a
-crash at any point leaves either the old record or the new one, never half of one.
+Written through palsd.atomicfile.write_atomic (exclusive temp file, fsync, rename, fsync of the
+directory) before the first write to a GPU or server, so a crash at any point leaves either the
+old record or the new one, never half of one. A save either returns with the record on disk or
+raises OSError; callers change nothing until it has returned.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from palsd.atomicfile import write_atomic
 
 STATE_FILE_NAME = "originals.json"
 
@@ -20,6 +23,9 @@ STATE_FILE_NAME = "originals.json"
 class Originals:
     gpus: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> {uuid, limit_w}
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {url, batch_limit}
+
+    def copy(self) -> Originals:
+        return Originals(gpus=copy.deepcopy(self.gpus), servers=copy.deepcopy(self.servers))
 
     def empty(self) -> bool:
         return not self.gpus and not self.servers
@@ -55,22 +61,11 @@ class OriginalsStore:
         return Originals.from_json(json.loads(text))
 
     def save(self, originals: Originals) -> None:
+        """Durably replace the record; raises OSError (disk full, read-only) with the old
+        record intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".originals.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(originals.to_json(), fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        data = json.dumps(originals.to_json(), indent=1, sort_keys=True).encode()
+        write_atomic(self.path, data)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

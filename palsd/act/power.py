@@ -2,6 +2,13 @@
 
 Blocking (backends block); the daemon calls it from a worker thread. In dry run it logs the
 limits it would set and calls no setter at all.
+
+No write without a durable record: a GPU's limit is written only once the originals record
+holding that GPU's original limit is on disk. When the record cannot be saved (disk full,
+read-only state directory) the GPUs it would cover are not written at all, `record_problem` says
+why (status and health show it), `palsd_state_write_failures_total` counts each failed save, and
+the next apply (every tick) tries again. GPUs recorded earlier are still written: `palsd
+restore` has what it needs for them.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ class PowerActuator:
         self._metrics = metrics
         self._log = log
         self.dry_run = dry_run
-        self.originals = Originals()
+        self.originals = Originals()  # only ever what is on disk (or nothing saved yet)
+        self.record_problem: str | None = None  # why the record cannot be saved, None if fine
         self._gpus: dict[int, GpuObservation] = {}
         self._executor: ThreadPoolExecutor | None = None
 
@@ -52,15 +60,48 @@ class PowerActuator:
         for g in gpus:
             self._gpus[g.index] = g
 
-    def _record(self, indices: Sequence[int]) -> None:
-        """Record the originals of GPUs not yet recorded, in one atomic save."""
+    def _record(self, indices: Sequence[int]) -> set[int]:
+        """Record the originals of GPUs not yet recorded, in one durable save. Returns the
+        indices whose original is on disk; memory changes only after the save succeeded."""
         fresh = [i for i in indices if i not in self.originals.gpus]
-        if not fresh:
-            return
-        for index in fresh:
-            g = self._gpus[index]
-            self.originals.gpus[index] = {"uuid": g.uuid, "limit_w": g.power_limit_w}
-        self._store.save(self.originals)
+        if fresh:
+            candidate = self.originals.copy()
+            for index in fresh:
+                g = self._gpus[index]
+                candidate.gpus[index] = {"uuid": g.uuid, "limit_w": g.power_limit_w}
+            if not self._save(candidate):
+                return {i for i in indices if i in self.originals.gpus}
+        return set(indices)
+
+    def record_server(self, name: str, url: str, batch_limit: int) -> bool:
+        """Record a server's original batch limit durably before it is first changed; False
+        (nothing changed in memory) when the record cannot be saved: then do not write."""
+        if name in self.originals.servers:
+            return True
+        candidate = self.originals.copy()
+        candidate.servers[name] = {"url": url, "batch_limit": batch_limit}
+        return self._save(candidate)
+
+    def _save(self, candidate: Originals) -> bool:
+        try:
+            self._store.save(candidate)
+        except OSError as err:
+            self._metrics.state_write_failures.labels("originals").inc()
+            problem = f"cannot save {self._store.path}: {err.strerror or err}"
+            if problem != self.record_problem:  # once per new problem, not once per tick
+                self._log.error(
+                    "originals_record_write_failed",
+                    path=str(self._store.path),
+                    error=problem,
+                    action="limits not recorded are left unchanged; retrying every tick",
+                )
+            self.record_problem = problem
+            return False
+        if self.record_problem is not None:
+            self._log.warning("originals_record_write_recovered", path=str(self._store.path))
+        self.record_problem = None
+        self.originals = candidate
+        return True
 
     def _write_one(self, index: int, watts: float) -> str | None:
         try:
@@ -92,7 +133,11 @@ class PowerActuator:
                 self._log.info("would_set_power_limit", gpu=index, limit_w=watts, dry_run=True)
                 applied[index] = watts
             return WriteResult(applied, failed)
-        self._record([i for i, _ in plan])
+        recorded = self._record([i for i, _ in plan])
+        for index, _ in plan:
+            if index not in recorded:
+                failed[index] = "not written: its original limit could not be recorded"
+        plan = [(i, w) for i, w in plan if i in recorded]
         lowers = [(i, w) for i, w in plan if w < self._gpus[i].power_limit_w]
         raises = [(i, w) for i, w in plan if w >= self._gpus[i].power_limit_w]
         for phase in (lowers, raises):

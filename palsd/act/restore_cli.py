@@ -1,5 +1,6 @@
 """`palsd restore`: put back the limits recorded in the state directory (systemd's
-ExecStopPost runs it, so limits come back even after SIGKILL)."""
+ExecStopPost runs it, so limits come back even after SIGKILL). It refuses (exit 2, nothing
+changed) while a daemon holds the state directory's instance lock."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import httpx
 
 from palsd.act.originals import OriginalsStore
 from palsd.act.restore import put_back
-from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, PalsdConfig, load_config
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
+from palsd.runtime.instance_lock import claim
 from palsd.runtime.wiring import make_backend, make_server_links
 
 
@@ -28,6 +30,15 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err.report(), file=sys.stderr)
         return 2
+    # A restore under a live daemon would fight it (and delete the record it relies on).
+    lock = claim("restore", cfg.state.dir)
+    if lock is None:
+        return 2
+    with lock:
+        return _restore(cfg)
+
+
+def _restore(cfg: PalsdConfig) -> int:
     configure_logging(cfg.logging.level, cfg.logging.format)
     log = get_logger()
     store = OriginalsStore(cfg.state.dir)
@@ -50,6 +61,9 @@ def main(args: argparse.Namespace) -> int:
         asyncio.run(restore())
     except GpuError as err:
         print(f"palsd restore: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the limits went back; the record could not be updated
+        print(f"palsd restore: cannot update {store.path}: {err.strerror}", file=sys.stderr)
         return 1
     finally:
         backend.close()

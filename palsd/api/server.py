@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,44 @@ from aiohttp import web
 from palsd.api.auth import peer_of, token_ok, uid_may_change
 from palsd.core.budget import BudgetEntry
 from palsd.runtime.daemon import Daemon
+from palsd.runtime.instance_lock import StartRefused
+
+
+def check_socket_path(path: Path) -> None:
+    """Raise StartRefused unless `path` is free or palsd's own stale socket: a socket file
+    (not a regular file, a link or anything else) with no live listener. Touches nothing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise StartRefused(f"api.socket {path}: cannot inspect it: {err.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartRefused(
+            f"api.socket {path} exists and is not a socket; refusing to replace it "
+            "(choose another path or remove the file yourself)"
+        )
+    if _socket_is_live(path):
+        raise StartRefused(f"api.socket {path} is in use by a live listener")
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # full backlog, timeout, permission: someone is there, leave it alone
+    finally:
+        probe.close()
+    return True
+
+
+def _remove_stale_socket(path: Path) -> None:
+    check_socket_path(path)
+    path.unlink(missing_ok=True)
 
 
 def _error(status: int, reason: str, message: str) -> web.Response:
@@ -39,6 +79,7 @@ class ApiServer:
         self.token = token
         self.max_override_ttl_s = max_override_ttl_s
         self._runner: web.AppRunner | None = None
+        self._socket_inode: int | None = None
         self.tcp_port: int | None = None
 
     def app(self) -> web.Application:
@@ -53,10 +94,11 @@ class ApiServer:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
+        _remove_stale_socket(self.socket_path)
         site = web.UnixSite(self._runner, str(self.socket_path))
         await site.start()
         os.chmod(self.socket_path, 0o666)  # reads for every local user; changes are checked
+        self._socket_inode = os.lstat(self.socket_path).st_ino
         if self.tcp is not None:
             tcp_site = web.TCPSite(self._runner, self.tcp[0], self.tcp[1])
             await tcp_site.start()
@@ -67,7 +109,14 @@ class ApiServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        self.socket_path.unlink(missing_ok=True)
+        # Only our own socket: never a file someone put there after we bound.
+        try:
+            if self._socket_inode is not None and os.lstat(self.socket_path).st_ino == (
+                self._socket_inode
+            ):
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:

@@ -114,6 +114,12 @@ class Metrics:
         self.api_rejected = Counter(
             "palsd_api_rejected_total", "refused API requests", ["reason"], registry=r
         )
+        self.state_write_failures = Counter(
+            "palsd_state_write_failures_total",
+            "failed saves of a state file (disk full, read-only); what it covers is not written",
+            ["file"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "palsd_config_reloads_total", "SIGHUP reloads", ["result"], registry=r
         )

@@ -27,6 +27,7 @@ from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
 from palsd.report.metrics import Metrics
 from palsd.runtime.daemon import Daemon
+from palsd.runtime.instance_lock import claim
 from palsd.runtime.notify import Notifier
 from palsd.runtime.wiring import make_backend, make_controller, make_server_links, read_secret
 
@@ -46,11 +47,17 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         cfg = cfg.model_copy(update={"control": cfg.control.model_copy(update={"dry_run": True})})
+    # Before anything is touched: one instance per state dir, and no foreign file at api.socket.
+    lock = claim("run", cfg.state.dir, cfg.api.socket)
+    if lock is None:
+        return 2
     configure_logging(cfg.logging.level, cfg.logging.format)
     try:
         return asyncio.run(serve(cfg, args.config))
     except KeyboardInterrupt:
         return 0
+    finally:
+        lock.release()
 
 
 async def _start_metrics(cfg: PalsdConfig, metrics: Metrics, log: Any) -> web.AppRunner | None:
@@ -129,9 +136,7 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
             await reconcile(store, backend, links, log)
 
         def record_batch_original(name: str, url: str, limit: int) -> None:
-            if name not in actuator.originals.servers:
-                actuator.originals.servers[name] = {"url": url, "batch_limit": limit}
-                store.save(actuator.originals)
+            actuator.record_server(name, url, limit)  # durable first; False: not recorded
 
         daemon = Daemon(
             backend=backend,
