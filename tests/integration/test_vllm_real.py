@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +38,11 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 PLUGINS = "palsd_batch_limit,palsd_batch_limit_api"
 MAX_NUM_SEQS = 8
-# Long enough per request (the default tiny model decodes at ~10 ms a step) that a round at
-# limit 2 lasts seconds: concurrency is seen on /metrics, not inferred.
-TOKENS = 256
+# Per request of the held-load test. Its length does not decide whether the state under test
+# is seen (the load keeps the queue full); it only keeps the request churn moderate.
+LOAD_TOKENS = 64
+# Bounds a hung server only; a state the test waits for lasts until the test moves on.
+OBSERVE_S = 180.0
 MAX_MODEL_LEN = 512
 # A shared 2-core machine can starve vLLM's API server for seconds; a slow answer is not a fail.
 STALL_S = 30.0
@@ -154,6 +156,13 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
         yield server
 
 
+def _client() -> httpx.AsyncClient:
+    """A client that opens a fresh connection per request. uvicorn closes a kept-alive
+    connection after 5 s idle; a request sent on one just as it closes fails with "Server
+    disconnected without sending a response", a race no test should depend on."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def _complete(client: httpx.AsyncClient, server: Server, max_tokens: int) -> dict[str, Any]:
     resp = await client.post(
         server.url + "/v1/completions",
@@ -171,7 +180,16 @@ async def _complete(client: httpx.AsyncClient, server: Server, max_tokens: int) 
 
 
 async def _running(client: httpx.AsyncClient, server: Server) -> tuple[float, float]:
-    resp = await client.get(server.url + "/metrics", timeout=STALL_S)
+    """(running, waiting) as palsd sees them on /metrics. A GET is idempotent: one retry on a
+    connection the server dropped before answering."""
+    for attempt in (0, 1):
+        try:
+            resp = await client.get(server.url + "/metrics", timeout=STALL_S)
+            break
+        except httpx.RemoteProtocolError:
+            if attempt:
+                raise
+    resp.raise_for_status()
     engine = parse_metrics(resp.text)[(server.model, "0")]
     return engine.running or 0.0, engine.waiting or 0.0
 
@@ -182,7 +200,7 @@ def _batch(client: httpx.AsyncClient, server: Server, token: str | None = None) 
 
 async def test_probe_vllm_reports_the_requests_and_tokens_sent(vllm_server: Server) -> None:
     server, n_requests, max_tokens = vllm_server, 6, 32
-    async with httpx.AsyncClient() as client:
+    async with _client() as client:
         await _batch(client, server).set(MAX_NUM_SEQS)
         before = server.metrics_gets()
         probe = await asyncio.create_subprocess_exec(
@@ -214,63 +232,108 @@ async def test_probe_vllm_reports_the_requests_and_tokens_sent(vllm_server: Serv
     assert engine["running"] == 0 and engine["waiting"] == 0
 
 
+class _Load:
+    """Keeps `outstanding` completions in flight: each one that finishes is replaced at once,
+    so the server's queue stays full for as long as the test needs, however fast or slow the
+    machine generates. The state under test is then reached and held, not raced."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, server: Server, outstanding: int, max_tokens: int
+    ) -> None:
+        self._client, self._server, self._max_tokens = client, server, max_tokens
+        self._outstanding = outstanding
+        self._tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        self._stopping = False
+        self.usages: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+
+    def start(self) -> None:
+        for _ in range(self._outstanding):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        task = asyncio.create_task(_complete(self._client, self._server, self._max_tokens))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        if (error := task.exception()) is not None:
+            self.errors.append(error)
+            return
+        self.usages.append(task.result())
+        if not self._stopping:
+            self._spawn()
+
+    async def stop(self) -> None:
+        """Send no more; wait for those in flight to finish."""
+        self._stopping = True
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+async def _observe(
+    client: httpx.AsyncClient,
+    server: Server,
+    load: _Load,
+    until: Callable[[float, float], bool],
+    what: str,
+) -> list[tuple[float, float]]:
+    """/metrics's (running, waiting), polled until `until` holds for one observation; every
+    observation on the way is returned. The deadline only bounds a hung server."""
+    seen: list[tuple[float, float]] = []
+    deadline = time.monotonic() + OBSERVE_S
+    while True:
+        assert not load.errors, f"a request failed: {load.errors[0]!r}"
+        running, waiting = await _running(client, server)
+        seen.append((running, waiting))
+        if until(running, waiting):
+            return seen
+        assert time.monotonic() < deadline, f"never saw {what} in {OBSERVE_S:g} s: {seen}"
+        await asyncio.sleep(0.05)
+
+
 async def test_batch_limit_holds_running_requests_and_raising_it_lets_them_in(
     vllm_server: Server,
 ) -> None:
-    server = vllm_server
-    async with httpx.AsyncClient() as client:
+    server, outstanding, limit = vllm_server, 12, 2
+    async with _client() as client:
         batch = _batch(client, server)
         assert (await batch.set(MAX_NUM_SEQS)).limit == MAX_NUM_SEQS
-        state = await batch.set(2)
-        assert state == BatchLimitState(max_num_seqs=MAX_NUM_SEQS, limit=2, running=0, waiting=0)
-
-        tasks = [asyncio.create_task(_complete(client, server, TOKENS)) for _ in range(12)]
-        t0 = time.monotonic()
-        timeline: list[tuple[float, int, float, float]] = []  # (s, done, running, waiting)
-
-        async def watch() -> tuple[float, float]:
-            running, waiting = await _running(client, server)
-            done = sum(t.done() for t in tasks)
-            timeline.append((round(time.monotonic() - t0, 3), done, running, waiting))
-            assert time.monotonic() - t0 < 240, f"requests stopped completing: {timeline}"
-            await asyncio.sleep(0.05)
-            return running, waiting
-
-        # Under limit 2, watch /metrics until requests have completed (a round at least) and
-        # the queue has been seen held back at the limit; raise it while enough remain
-        # (3 or more) for a rise above 2 to be possible.
-        held_seen = False
-        while sum(t.done() for t in tasks) < 2 or not held_seen:
-            assert sum(not t.done() for t in tasks) >= 3, f"could not observe in time: {timeline}"
-            running, waiting = await watch()
-            held_seen = held_seen or (running == 2 and waiting > 0)
-        at_2 = list(timeline)
-        assert max(r for _, _, r, _ in at_2) <= 2, at_2
-        held = await batch.get()
-        assert held is not None and held.limit == 2 and held.running <= 2
-
-        await batch.set(MAX_NUM_SEQS)
-        # On two busy cores vLLM's API server can go seconds without answering a scrape, and
-        # the rest of the work may finish unobserved: then send a fresh wave at the raised
-        # limit (at most three) so the rise is seen while requests are in flight.
-        for _wave in range(3):
-            if all(t.done() for t in tasks):
-                tasks.extend(
-                    asyncio.create_task(_complete(client, server, TOKENS)) for _ in range(12)
-                )
-            while not all(t.done() for t in tasks):
-                await watch()
-            at_8 = timeline[len(at_2) :]
-            if max((r for _, _, r, _ in at_8), default=0) > 2:
-                break
-        usages = await asyncio.gather(*tasks)
-    assert max((r for _, _, r, _ in at_8), default=0) > 2, f"no rise after raising: {timeline}"
-    assert all(u["completion_tokens"] == TOKENS for u in usages)
+        state = await batch.set(limit)
+        assert state == BatchLimitState(
+            max_num_seqs=MAX_NUM_SEQS, limit=limit, running=0, waiting=0
+        )
+        load = _Load(client, server, outstanding, LOAD_TOKENS)
+        load.start()
+        try:
+            # The queue stays full, so the limit holding it back is a state that lasts: wait
+            # until /metrics shows it, checking every observation on the way.
+            at_limit = await _observe(
+                client, server, load, lambda r, w: r == limit and w > 0, "the queue held back"
+            )
+            assert max(r for r, _ in at_limit) <= limit, at_limit
+            held = await batch.get()
+            assert held is not None and held.limit == limit, held
+            assert held.running <= limit and held.waiting > 0, held
+            assert (await batch.set(MAX_NUM_SEQS)).limit == MAX_NUM_SEQS
+            # Still a full queue: the raised limit admits it at the next scheduler step.
+            raised = await _observe(client, server, load, lambda r, w: r > limit, "a rise")
+        finally:
+            await load.stop()
+        after = await batch.get()
+    assert not load.errors, load.errors
+    assert raised[-1][0] > limit, raised
+    assert len(load.usages) >= outstanding
+    assert all(u["completion_tokens"] == LOAD_TOKENS for u in load.usages)
+    assert after is not None and (after.running, after.waiting) == (0, 0), after
 
 
 async def test_bad_put_is_rejected_and_changes_nothing(vllm_server: Server) -> None:
     server = vllm_server
-    async with httpx.AsyncClient() as client:
+    async with _client() as client:
         batch = _batch(client, server)
         await batch.set(3)
         url = server.url + "/pals/v1/batch-limit"
@@ -315,7 +378,7 @@ def test_endpoint_without_its_engine_half_says_what_is_missing(
         assert "palsd_batch_limit and palsd_batch_limit_api" in resp.json()["error"]
 
         async def via_client() -> None:
-            async with httpx.AsyncClient() as client:
+            async with _client() as client:
                 with pytest.raises(BatchLimitUnavailable, match="engine-side plugin"):
                     await _batch(client, server, token="tok").set(2)
 
