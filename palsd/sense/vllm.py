@@ -27,6 +27,7 @@ class VllmScraper:
 
     On None, `stale_reason` says why (for logs, status and the controller) and `failures`
     counts every failed scrape since start; `consecutive_failures` resets on success.
+    `reconnects` counts scrapes sent twice because the server dropped an idle connection.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class VllmScraper:
         self.stale_reason: str | None = "not scraped yet"
         self.failures = 0
         self.consecutive_failures = 0
+        self.reconnects = 0  # scrapes repeated after a dropped kept-alive connection
         self.last_report: WindowReport | None = None
 
     async def poll(self, now_s: float) -> ServerSignals | None:
@@ -58,10 +60,20 @@ class VllmScraper:
         self.last_report = self._window.report()
         return None if self.last_report is None else self.last_report.server
 
+    async def _get(self) -> httpx.Response:
+        """One GET; sent once more, on a fresh connection, when the server dropped a kept-alive
+        connection without answering. uvicorn closes idle ones after 5 s, so a scrape period
+        near that races the close; a GET is safe to repeat, and one repeat bounds the cost."""
+        try:
+            return await self._client.get(self.url, timeout=self._timeout_s)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            self.reconnects += 1
+            return await self._client.get(self.url, timeout=self._timeout_s)
+
     async def _scrape(self, now_s: float) -> str | None:
         """None on success, else the reason the scrape failed."""
         try:
-            resp = await self._client.get(self.url, timeout=self._timeout_s)
+            resp = await self._get()
         except httpx.TimeoutException:
             return f"timeout after {self._timeout_s:g} s scraping {self.url}"
         except httpx.HTTPError as e:

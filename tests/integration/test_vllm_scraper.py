@@ -4,6 +4,7 @@ failure cases a real vLLM rarely shows on demand: errors, timeouts, wrong pages,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -124,6 +125,39 @@ async def test_scraper_of_an_unreachable_server_is_stale(client: httpx.AsyncClie
     assert await scraper.poll(1.0) is None
     assert scraper.stale_reason is not None and "cannot reach" in scraper.stale_reason
     assert scraper.failures == 2
+
+
+async def test_scraper_resends_once_when_the_server_dropped_a_kept_alive_connection(
+    client: httpx.AsyncClient,
+) -> None:
+    """What uvicorn does to a connection idle for its keep-alive timeout, made deterministic:
+    each connection answers its first request (keep-alive) and closes on the second without a
+    word. The scrape is repeated on a fresh connection instead of going stale."""
+    body = v1_page().encode()
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        writer.write(head + body)
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        scraper = VllmScraper(f"http://127.0.0.1:{port}", client, timeout_s=5.0)
+        assert await scraper.poll(0.0) is not None
+        second = await scraper.poll(1.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert second is not None, scraper.stale_reason
+    assert (scraper.failures, scraper.reconnects, connections) == (0, 1, 2)
 
 
 class ContractServer:
