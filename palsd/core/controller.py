@@ -39,8 +39,8 @@ from palsd.core.types import Decision, GpuObservation, Observation, ServerObserv
 class JointParams:
     control_caps: bool = True  # False: every cap at min(default, budget / GPUs) (PALS static)
     control_batch: bool = True  # False: every batch limit at fixed_batch_limit
-    fixed_batch_limit: int = 64
-    initial_batch_limit: int | None = 64  # None: start from what the server reports
+    fixed_batch_limit: int | None = None  # None: the server's max_num_seqs (vLLM's default)
+    initial_batch_limit: int | None = None  # None: start from what the server reports
     low_margin: float = 0.10  # SLO headroom below this: raise the cap
     high_margin: float = 0.25  # headroom above this for patience_s: explore a lower cap
     patience_s: float = 3.0
@@ -148,6 +148,7 @@ class JointController:
                 or srv.batch_limit
                 or srv.max_num_seqs
                 or self.params.fixed_batch_limit
+                or 64
             )
         return st
 
@@ -295,7 +296,7 @@ class JointController:
             if not p.control_caps:
                 st.cap_w = ceiling_w if static_cap is None else min(ceiling_w, static_cap)
             if not p.control_batch:
-                st.batch_limit = p.fixed_batch_limit
+                st.batch_limit = p.fixed_batch_limit or max_seqs
             st.batch_limit = min(max(st.batch_limit, 1), max_seqs)
             batch[srv.name] = st.batch_limit
             status.append(

@@ -10,13 +10,14 @@ energy of that work and its power-cap loop moves the clock for the next quantum.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from palsd.core.types import GpuObservation, Quantiles, ServerSignals
 from palsd.sim.gpu_model import GPU_PRESETS, GpuState
 from palsd.sim.models import MODEL_PRESETS
 from palsd.sim.records import RequestRecord, weighted_quantiles
 from palsd.sim.server_model import ServerSim
-from palsd.sim.vllm_metrics import render_metrics
+from palsd.sim.vllm_metrics import engine_samples, render_metrics
 from palsd.sim.workload import PoissonWorkload, Workload
 
 # Requests/s per server used when no workload is given: about half of what one server of the
@@ -172,6 +173,11 @@ class TwinHost:
     def metrics_text(self, server: int) -> str:
         s = self._server(server)
         return render_metrics(s, self.model_spec.name, self.epoch_s)
+
+    def scrape(self, server: int) -> dict[tuple[str, str], Any]:
+        """What palsd's parser reads from `metrics_text(server)` (EngineSample per engine),
+        without the text round trip."""
+        return engine_samples(self._server(server), self.model_spec.name)
 
     def tokens_generated_total(self, server: int) -> int:
         return self._server(server).generation_tokens_total

@@ -5,32 +5,43 @@ Traces are piecewise constant, given as (start fraction of the run, value) so th
 same seed and therefore the same arrivals.
 
 Loads are relative to the twin's own measured capacity, not fixed rates: at set-up the twin
-serves a deep backlog on one server at PALS's static operating point (batch 64, each GPU at
-min(default, lowest budget of the scenario / GPUs)) and the finished requests/s is the capacity.
-Each scenario names a utilisation of that capacity for its busiest server, so a change of model,
-GPU or twin calibration keeps every scenario at the stress it is meant to test.
+serves a deep backlog on one server at vLLM's defaults (the GPU's default power limit, batch
+limit = max_num_seqs = 256) and the finished requests/s is the capacity (one figure per request
+mix). Each scenario names a utilisation of that capacity for its busiest server, so a change of
+model, GPU or twin calibration keeps every scenario at the stress it is meant to test.
+
+Budgets are relative to the preset's NVML limit range: a fraction f puts the host budget at
+sum(min limits) + f * (sum(max limits) - sum(min limits)), so f = 0 is every GPU at its floor and
+f = 1 is every GPU at its maximum, on any GPU.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import itertools
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from palsd.core.types import Slo
 from palsd.sim.engine import TwinHost
+from palsd.sim.gpu_model import GPU_PRESETS
 from palsd.sim.workload import (
+    DEFAULT_OUTPUT,
+    DEFAULT_PROMPT,
+    LONG_OUTPUT,
+    LONG_PROMPT,
     ArrivalStream,
     BacklogWorkload,
     BurstyWorkload,
+    MixedWorkload,
     PoissonWorkload,
 )
 
-H100_TDP_W = 700.0
-H100_MIN_W = 200.0
 N_GPUS = 8
+VLLM_DEFAULT_BATCH = 256  # vLLM's default max_num_seqs (the twin's max_num_seqs)
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ class ModelSetup:
     model: str  # the twin's preset name
     tp: int
     slo: Slo
-    max_num_seqs: int = 256
+    max_num_seqs: int = VLLM_DEFAULT_BATCH
 
 
 # Realistic interactive-chat SLOs: TTFT p90 within a couple of seconds, ITL p90 at reading
@@ -64,7 +75,6 @@ LOAD_SHARES = (1.0, 0.9, 0.8, 0.7)
 ARRIVALS = ("poisson", "bursty", "poisson", "bursty")
 # Bursty servers: bursts at 1.5x their mean for ~10 s, calm spells at 0.875x for ~40 s.
 BURST_HIGH, BURST_LOW, BURST_HIGH_S, BURST_LOW_S = 1.5, 0.875, 10.0, 40.0
-STATIC_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -84,21 +94,44 @@ class Trace:
 
 @dataclass(frozen=True)
 class Scenario:
+    """budget: fractions of the preset's limit range (see the module doc), None: no budget.
+    load: a shape of the run (fraction of the run -> multiplier of `utilisation`), None: flat.
+    long_share: the share of long-prompt, prefill-heavy requests over the run, None: all chat."""
+
     name: str
     description: str
     budget: Trace
-    utilisation: float  # busiest server's mean load / static's measured capacity
+    utilisation: float  # busiest server's mean load / capacity at vLLM's defaults
     price_per_mwh: Trace | None = None
+    load: tuple[tuple[float, float], ...] | None = None  # (fraction, multiplier), interpolated
+    long_share: Trace | None = None
+    bursts: bool = True
+    low_phases: tuple[tuple[float, float], ...] = field(default=())  # where the budget binds
 
-    def static_cap_w(self) -> float:
-        """Static's per-GPU limit under the scenario's lowest budget (the capacity reference)."""
-        budgets = [w for _, w in self.budget.steps if w is not None]
-        lowest = min(budgets) if budgets else N_GPUS * H100_TDP_W
-        return max(H100_MIN_W, min(H100_TDP_W, lowest / N_GPUS))
+    def budget_w(self, gpu: str, t_s: float, duration_s: float) -> float | None:
+        frac = self.budget.at(t_s, duration_s)
+        return None if frac is None else budget_from_fraction(gpu, frac)
+
+    def load_at(self, frac: float) -> float:
+        if self.load is None:
+            return 1.0
+        pts = self.load
+        if frac <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+            if frac <= x1:
+                return y0 + (y1 - y0) * (frac - x0) / max(x1 - x0, 1e-12)
+        return pts[-1][1]
 
 
-def _flat(watts: float | None) -> Trace:
-    return Trace(((0.0, watts),))
+def budget_from_fraction(gpu: str, frac: float) -> float:
+    spec = GPU_PRESETS[gpu]
+    lo, hi = N_GPUS * spec.min_limit_w, N_GPUS * spec.max_limit_w
+    return round(lo + frac * (hi - lo), 1)
+
+
+def _flat(frac: float | None) -> Trace:
+    return Trace(((0.0, frac),))
 
 
 def price_trace(seed: int, intervals: int = 12) -> Trace:
@@ -116,54 +149,90 @@ def price_trace(seed: int, intervals: int = 12) -> Trace:
 
 def budget_for_price(prices: Trace) -> Trace:
     """The facility's price response: full power when cheap, less as the price climbs."""
-    full = N_GPUS * H100_TDP_W
     out = []
     for start, price in prices.steps:
         p = price or 0.0
-        watts = full if p < 100 else (0.6 * full if p < 300 else 0.43 * full)
-        out.append((start, watts))
+        frac = 1.0 if p < 100 else (0.4 if p < 300 else 0.1)
+        out.append((start, frac))
     return Trace(tuple(out))
 
 
-# Busiest server's load as a share of static's capacity, per scenario (why: docs/controller.md).
-UTILISATION = {"efficiency": 0.8, "strict": 0.85, "demand_response": 0.85, "price": 0.8}
+# Busiest server's mean load as a share of the capacity at vLLM's defaults
+# (why: docs/controller.md).
+UTILISATION = {
+    "efficiency": 0.6,
+    "strict": 0.7,
+    "demand_response": 0.7,
+    "price": 0.6,
+    "diurnal": 0.95,
+    "mixed": 0.6,
+}
+STRICT_FRAC = 0.1  # strict: every GPU at its floor plus 10% of its range (H100: 250 W)
+DR_FRACS = (1.0, 0.4, 0.1, 0.03, 0.4, 1.0)  # demand response, six equal steps
 
 
 def build_scenario(name: str, seed: int) -> Scenario:
-    full = N_GPUS * H100_TDP_W
-    u = UTILISATION.get(name, 0.8)
+    u = UTILISATION.get(name, 0.6)
     if name == "efficiency":
-        return Scenario(name, "budget = 8 x TDP, never binds", _flat(full), u)
+        return Scenario(name, "no binding budget (every GPU may draw its maximum)", _flat(1.0), u)
     if name == "strict":
         return Scenario(
-            name, "budget = 43% of TDP per GPU for the whole run", _flat(0.43 * full), u
+            name,
+            f"budget = min limits + {STRICT_FRAC:.0%} of the limit range for the whole run",
+            _flat(STRICT_FRAC),
+            u,
+            low_phases=((0.0, 1.0),),
         )
     if name == "demand_response":
-        steps = (
-            (0.0, full),
-            (1 / 6, 0.6 * full),
-            (2 / 6, 0.43 * full),
-            (3 / 6, 0.35 * full),
-            (4 / 6, 0.6 * full),
-            (5 / 6, full),
-        )
+        steps = tuple((i / 6, f) for i, f in enumerate(DR_FRACS))
         return Scenario(
-            name, "budget steps 100/60/43/35/60/100% of TDP, 10 min each per hour", Trace(steps), u
+            name,
+            "budget steps through "
+            + "/".join(f"{f:.0%}" for f in DR_FRACS)
+            + " of the limit range above the minimums, 10 min each per hour",
+            Trace(steps),
+            u,
+            low_phases=((1 / 6, 4 / 6),),
         )
     if name == "price":
         prices = price_trace(seed)
         return Scenario(
             name,
             "real-time price in 5 min intervals; the facility budget follows the price "
-            "(<$100: 100%, <$300: 60%, else 43% of TDP)",
+            "(<$100: 100%, <$300: 40%, else 10% of the limit range above the minimums)",
             budget_for_price(prices),
             u,
             prices,
         )
+    if name == "diurnal":
+        # A day compressed into the run: night at 10% of the peak, a morning ramp, a plateau
+        # near 95% of capacity with bursts on the bursty servers, an evening fall.
+        shape = ((0.0, 0.1), (0.15, 0.1), (0.4, 1.0), (0.6, 1.0), (0.85, 0.1), (1.0, 0.1))
+        return Scenario(
+            name,
+            "load 10% -> 95% of capacity and back (a compressed day), bursts on half the "
+            "servers; no binding budget",
+            _flat(1.0),
+            u,
+            load=shape,
+        )
+    if name == "mixed":
+        # Six phases alternating chat-like and long-prompt (prefill-heavy) traffic, each at
+        # the same share of its own capacity.
+        shares = (0.0, 0.9, 0.2, 1.0, 0.0, 0.7)
+        return Scenario(
+            name,
+            "request mix shifts between chat-like (prompt 384 / output 192 tokens) and "
+            "long-prompt (3000 / 96) traffic every 10 min; load at 60% of each mix's capacity; "
+            "no binding budget",
+            _flat(1.0),
+            u,
+            long_share=Trace(tuple((i / 6, s) for i, s in enumerate(shares))),
+        )
     raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
 
 
-SCENARIOS = ("efficiency", "strict", "demand_response", "price")
+SCENARIOS = ("efficiency", "strict", "demand_response", "price", "diurnal", "mixed")
 
 
 @dataclass(frozen=True)
@@ -176,60 +245,138 @@ class PerServerWorkload:
         return self.workloads[server % len(self.workloads)].stream(server, seed)
 
 
-@functools.lru_cache(maxsize=16)
-def static_capacity_per_s(model: str, tp: int, cap_w: float, seed: int = 0) -> float:
-    """Requests/s one server finishes when saturated at PALS's static point (batch 64, every
-    GPU at cap_w), measured on the twin itself: 30 s warm-up, then 120 s counted."""
+@functools.lru_cache(maxsize=32)
+def capacity_per_s(
+    gpu: str,
+    model: str,
+    tp: int,
+    batch: int = VLLM_DEFAULT_BATCH,
+    cap_w: float | None = None,
+    long: bool = False,
+    seed: int = 0,
+) -> float:
+    """Requests/s one server finishes when saturated at a fixed batch limit and power limit
+    (default: vLLM's defaults, the GPU's default limit), measured on the twin itself: 30 s
+    warm-up, then 120 s counted. `long`: the long-prompt mix instead of the chat mix."""
+    prompt, output = (LONG_PROMPT, LONG_OUTPUT) if long else (DEFAULT_PROMPT, DEFAULT_OUTPUT)
     host = TwinHost(
-        gpu="h100",
+        gpu=gpu,
         model=model,
         n_gpus=tp,
-        workload=BacklogWorkload(),
+        workload=BacklogWorkload(prompt, output),
         seed=seed,
-        max_num_seqs=256,
-        initial_batch_limit=STATIC_BATCH,
+        max_num_seqs=VLLM_DEFAULT_BATCH,
+        initial_batch_limit=batch,
         tp=tp,
     )
-    for i in range(tp):
-        host.set_power_limit_w(i, cap_w)
+    if cap_w is not None:
+        for i in range(tp):
+            host.set_power_limit_w(i, cap_w)
     host.step(30.0)
     done0 = len(host.request_records(0))
     host.step(120.0)
     return (len(host.request_records(0)) - done0) / 120.0
 
 
-def server_rates_per_s(setup: ModelSetup, scenario: Scenario, n_servers: int) -> list[float]:
-    capacity = static_capacity_per_s(setup.model, setup.tp, scenario.static_cap_w())
+def server_rates_per_s(
+    setup: ModelSetup, scenario: Scenario, n_servers: int, gpu: str = "h100"
+) -> list[float]:
+    """Mean chat-mix request rate of each server (before the load shape)."""
+    capacity = capacity_per_s(gpu, setup.model, setup.tp)
     busiest = scenario.utilisation * capacity
     return [busiest * LOAD_SHARES[k % len(LOAD_SHARES)] for k in range(n_servers)]
 
 
-def server_workloads(setup: ModelSetup, scenario: Scenario, n_servers: int) -> PerServerWorkload:
+@dataclass(frozen=True)
+class _Shape:
+    """rate(t) = mean * load shape(t / duration) * (mix capacity factor at t)."""
+
+    scenario: Scenario
+    duration_s: float
+    mean_per_s: float
+    long_factor: float  # capacity(long mix) / capacity(chat mix)
+
+    def __call__(self, t_s: float) -> float:
+        frac = t_s / self.duration_s
+        rate = self.mean_per_s * self.scenario.load_at(frac)
+        if self.scenario.long_share is not None:
+            share = self.scenario.long_share.at(t_s, self.duration_s) or 0.0
+            # the same share of capacity whatever the mix: harmonic mean of the capacities
+            rate /= (1.0 - share) + share / self.long_factor
+        return rate
+
+
+def long_share_fn(scenario: Scenario, duration_s: float) -> Any:
+    trace = scenario.long_share
+
+    def share(t_s: float) -> float:
+        return 0.0 if trace is None else (trace.at(t_s, duration_s) or 0.0)
+
+    return share
+
+
+def server_workloads(
+    setup: ModelSetup, scenario: Scenario, n_servers: int, gpu: str, duration_s: float
+) -> PerServerWorkload:
     out: list[Any] = []
-    for k, rate in enumerate(server_rates_per_s(setup, scenario, n_servers)):
-        if ARRIVALS[k % len(ARRIVALS)] == "poisson":
-            out.append(PoissonWorkload(rate))
-        else:
-            out.append(
-                BurstyWorkload(
-                    low_rate_per_s=BURST_LOW * rate,
-                    high_rate_per_s=BURST_HIGH * rate,
-                    low_mean_s=BURST_LOW_S,
-                    high_mean_s=BURST_HIGH_S,
+    long_factor = 1.0
+    if scenario.long_share is not None:
+        chat = capacity_per_s(gpu, setup.model, setup.tp)
+        long_factor = capacity_per_s(gpu, setup.model, setup.tp, long=True) / chat
+    peak = max(y for _, y in scenario.load) if scenario.load else 1.0
+    for k, rate in enumerate(server_rates_per_s(setup, scenario, n_servers, gpu)):
+        bursty = ARRIVALS[k % len(ARRIVALS)] == "bursty" and scenario.bursts
+        if scenario.load is None and scenario.long_share is None:
+            if bursty:
+                out.append(
+                    BurstyWorkload(
+                        low_rate_per_s=BURST_LOW * rate,
+                        high_rate_per_s=BURST_HIGH * rate,
+                        low_mean_s=BURST_LOW_S,
+                        high_mean_s=BURST_HIGH_S,
+                    )
                 )
+            else:
+                out.append(PoissonWorkload(rate))
+            continue
+        shape = _Shape(scenario, duration_s, rate, long_factor)
+        bound = rate * peak / min(1.0, long_factor) * (BURST_HIGH if bursty else 1.0) * 1.05
+        out.append(
+            MixedWorkload(
+                rate_per_s=shape,
+                rate_max_per_s=bound,
+                long_share=long_share_fn(scenario, duration_s),
+                bursts=(BURST_LOW, BURST_HIGH, BURST_LOW_S, BURST_HIGH_S) if bursty else None,
             )
+        )
     return PerServerWorkload(tuple(out))
 
 
-def build_host(setup: ModelSetup, scenario: Scenario, seed: int) -> TwinHost:
+def build_host(
+    setup: ModelSetup,
+    scenario: Scenario,
+    seed: int,
+    gpu: str = "h100",
+    duration_s: float = 3600.0,
+) -> TwinHost:
     n_servers = N_GPUS // setup.tp
     return TwinHost(
-        gpu="h100",
+        gpu=gpu,
         model=setup.model,
         n_gpus=N_GPUS,
-        workload=server_workloads(setup, scenario, n_servers),
+        workload=server_workloads(setup, scenario, n_servers, gpu, duration_s),
         seed=seed,
         max_num_seqs=setup.max_num_seqs,
-        initial_batch_limit=STATIC_BATCH,
+        initial_batch_limit=setup.max_num_seqs,
         tp=setup.tp,
     )
+
+
+def sweep_caps_w(gpu: str, step_w: float = 50.0) -> list[float]:
+    """best_fixed's caps: from the preset's minimum to its maximum in steps of at most step_w."""
+    spec = GPU_PRESETS[gpu]
+    n = max(1, math.ceil((spec.max_limit_w - spec.min_limit_w) / step_w))
+    return [
+        round(spec.min_limit_w + i * (spec.max_limit_w - spec.min_limit_w) / n, 1)
+        for i in range(n + 1)
+    ]

@@ -1,14 +1,18 @@
 """The virtual-time runner: one policy on the twin through one scenario, measured.
 
 Each run builds its own twin from the scenario and seed (so every policy sees the same arrivals
-and the same budget trace), ticks the policy every control period with observations built from
-the twin exactly as the daemon builds them from NVML and /metrics, and applies each decision
-through safety.order_writes. A budget change triggers an immediate extra tick, as the daemon's
-budget path does. Accounting samples the twin at every sub-step.
+and the same budget trace), ticks the policy every control period with observations built the
+way the daemon builds them: serving signals through palsd's own window code
+(palsd.sense.signals, its default 10 s window) over what palsd's parser reads from each server's
+/metrics page (histogram quantiles, not exact ones), and GPU readings with NVML's 1 s average in
+100 ms bins plus read noise. Each decision is applied through safety.order_writes. A budget
+change triggers an immediate extra tick, as the daemon's budget path does. Accounting (energy,
+tokens, SLO windows, time above budget) reads the twin's truth at every sub-step.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,23 +22,40 @@ from palsd.core.slo import headroom, quantile_of
 from palsd.core.types import (
     BudgetInForce,
     BudgetSource,
+    GpuObservation,
     Observation,
     ServerObservation,
 )
-from palsd.sim.policies import POLICIES
+from palsd.sense.signals import DEFAULT_WINDOW_S, SignalWindow
+from palsd.sim.policies import is_blind, make_policy
 from palsd.sim.scenarios import (
     MODELS,
+    N_GPUS,
     ModelSetup,
+    Scenario,
     build_host,
     build_scenario,
 )
 
 CONTROL_PERIOD_S = 0.5
 SUB_STEP_S = 0.1  # accounting resolution: power is checked against the budget this often
-SIGNAL_WINDOW_S = 5.0  # the controller's scrape window
+SIGNAL_WINDOW_S = DEFAULT_WINDOW_S  # the daemon's scrape window
 SLO_WINDOW_S = 10.0  # the report's SLO window
 SETTLE_S = 1.0  # allowance after each budget change before "above budget" counts
 TIMELINE_EVERY_S = 5.0
+# NVML power readings are specified to +/-5 W; the averaged reading is steadier than the
+# instant one. Gaussian read noise with these standard deviations, seeded per run.
+NOISE_AVG_W = 2.0
+NOISE_INSTANT_W = 5.0
+# Host power as PALS fitted it against IPMI on its 4 x A100 nodes (arXiv 2605.21427):
+# P_sys = 1.05 x sum(P_GPU) + 340..350 W. The fixed part is taken at 345 W per host.
+HOST_GPU_FACTOR = 1.05
+HOST_FIXED_W = 345.0
+TARGET_ATTAINMENT = 0.99
+
+
+def host_energy_j(gpu_energy_j: float, seconds: float) -> float:
+    return HOST_GPU_FACTOR * gpu_energy_j + HOST_FIXED_W * seconds
 
 
 @dataclass
@@ -51,13 +72,23 @@ class RunResult:
     seconds_instant_above_budget: float = 0.0
     virtual_s: float = 0.0
     wall_s: float = 0.0
+    aborted: bool = False  # a sweep candidate stopped once it could no longer be feasible
+    low_phase_ticks: int = 0
+    low_phase_bound_ticks: int = 0
+    batch_reversals: int = 0
     modes: dict[str, int] = field(default_factory=dict)
     timeline: dict[str, list[float]] = field(default_factory=dict)
 
+    @property
+    def energy_host_j(self) -> float:
+        return host_energy_j(self.energy_j, self.virtual_s)
+
     def summary(self) -> dict[str, Any]:
         tpj = self.tokens / self.energy_j if self.energy_j > 0 else 0.0
+        host_j = self.energy_host_j
         out: dict[str, Any] = {
             "tokens_per_joule": tpj,
+            "tokens_per_joule_host": self.tokens / host_j if host_j > 0 else 0.0,
             "slo_attainment": 1.0 - self.slo_violation_windows / max(self.slo_windows, 1),
             "slo_violation_windows": self.slo_violation_windows,
             "slo_windows": self.slo_windows,
@@ -67,8 +98,15 @@ class RunResult:
             "seconds_instant_above_budget": self.seconds_instant_above_budget,
             "tokens": self.tokens,
             "energy_j": self.energy_j,
+            "energy_host_j": host_j,
+            "mean_gpu_power_w": self.energy_j / self.virtual_s / N_GPUS if self.virtual_s else 0.0,
             "speed_x_real_time": self.virtual_s / self.wall_s if self.wall_s > 0 else None,
             "wall_s": self.wall_s,
+            "aborted": self.aborted,
+            "budget_bound_share_low_phases": (
+                self.low_phase_bound_ticks / self.low_phase_ticks if self.low_phase_ticks else None
+            ),
+            "batch_limit_reversals": self.batch_reversals,
             "modes": self.modes,
         }
         if self.cost_usd > 0 and self.tokens > 0:
@@ -76,30 +114,70 @@ class RunResult:
         return out
 
 
-def _observe(
-    host: Any, setup: ModelSetup, budget: BudgetInForce, now_s: float, price: float | None
-) -> Observation:
-    servers = []
-    for srv in host.servers:
-        state = host.batch_state(srv.index)
-        servers.append(
-            ServerObservation(
-                name=srv.name,
-                url=f"twin://{srv.name}",
-                gpu_indices=tuple(srv.gpu_indices),
-                slo=setup.slo,
-                signals=host.server_signals(srv.index, SIGNAL_WINDOW_S),
-                batch_limit=int(state["limit"]),
-                max_num_seqs=int(state["max_num_seqs"]),
-            )
-        )
-    return Observation(
-        now_s=now_s,
-        gpus=tuple(host.gpu_readings()),
-        servers=tuple(servers),
-        budget=budget,
-        price_per_mwh=price,
+def _noisy(g: GpuObservation, rng: random.Random) -> GpuObservation:
+    avg = None if g.power_w is None else max(0.0, g.power_w + rng.gauss(0.0, NOISE_AVG_W))
+    inst = g.power_instant_w
+    if inst is not None:
+        inst = max(0.0, inst + rng.gauss(0.0, NOISE_INSTANT_W))
+    return GpuObservation(
+        index=g.index,
+        name=g.name,
+        uuid=g.uuid,
+        power_w=avg,
+        power_instant_w=inst,
+        energy_j=g.energy_j,
+        power_limit_w=g.power_limit_w,
+        enforced_limit_w=g.enforced_limit_w,
+        min_limit_w=g.min_limit_w,
+        max_limit_w=g.max_limit_w,
+        default_limit_w=g.default_limit_w,
+        sm_clock_mhz=g.sm_clock_mhz,
     )
+
+
+class _Sensor:
+    """The daemon's sensing, on the twin: one signal window per server fed with what the
+    parser reads from its /metrics page, and noisy NVML readings."""
+
+    def __init__(self, host: Any, setup: ModelSetup, seed: int, blind: bool) -> None:
+        self.host = host
+        self.setup = setup
+        self.blind = blind
+        self.rng = random.Random(seed * 31 + 7)
+        self.windows = [SignalWindow(SIGNAL_WINDOW_S) for _ in host.servers]
+
+    def observe(self, budget: BudgetInForce, now_s: float, price: float | None) -> Observation:
+        host = self.host
+        servers = []
+        for srv in host.servers:
+            state = host.batch_state(srv.index)
+            signals = None
+            if not self.blind:
+                w = self.windows[srv.index].push(now_s, host.scrape(srv.index))
+                self.windows[srv.index] = w
+                report = w.report()
+                signals = None if report is None else report.server
+            servers.append(
+                ServerObservation(
+                    name=srv.name,
+                    url=f"twin://{srv.name}",
+                    gpu_indices=tuple(srv.gpu_indices),
+                    slo=self.setup.slo,
+                    signals=signals,
+                    batch_limit=int(state["limit"]),
+                    max_num_seqs=int(state["max_num_seqs"]),
+                )
+            )
+        gpus = host.gpu_readings()
+        if not self.blind:
+            gpus = [_noisy(g, self.rng) for g in gpus]
+        return Observation(
+            now_s=now_s,
+            gpus=tuple(gpus),
+            servers=tuple(servers),
+            budget=budget,
+            price_per_mwh=price,
+        )
 
 
 def _window_met(host: Any, setup: ModelSetup, index: int) -> bool:
@@ -112,16 +190,42 @@ def _window_met(host: Any, setup: ModelSetup, index: int) -> bool:
     return not (sig.waiting >= 1 and no_first_token and sig.generation_tokens_per_s <= 0)
 
 
-def run_policy(policy: str, scenario_name: str, hours: float, seed: int, model: str) -> RunResult:
+def _in_low_phase(scenario: Scenario, frac: float) -> bool:
+    return any(a <= frac < b for a, b in scenario.low_phases)
+
+
+def run_policy(
+    policy: str,
+    scenario_name: str,
+    hours: float,
+    seed: int,
+    model: str,
+    gpu: str = "h100",
+    abort_when_infeasible: bool = False,
+) -> RunResult:
+    """One policy through one scenario. With abort_when_infeasible (the best_fixed sweep) the
+    run stops as soon as it has gone above the budget or missed more SLO windows than an
+    attainment of 0.99 allows: it can no longer be the winner, whatever the rest would show."""
     setup = MODELS[model]
     scenario = build_scenario(scenario_name, seed)
     duration_s = hours * 3600.0
-    host = build_host(setup, scenario, seed)
-    ctrl = POLICIES[policy]()
+    host = build_host(setup, scenario, seed, gpu, duration_s)
+    ctrl = make_policy(policy)
+    blind = is_blind(ctrl)
+    sensor = _Sensor(host, setup, seed, blind)
     res = RunResult(policy=policy)
     tl: dict[str, list[float]] = {
         k: []
-        for k in ("t_s", "budget_w", "power_w", "limits_w", "itl_ratio", "ttft_ratio", "batch_mean")
+        for k in (
+            "t_s",
+            "budget_w",
+            "power_w",
+            "limits_w",
+            "itl_ratio",
+            "ttft_ratio",
+            "batch_mean",
+            "requests_per_s",
+        )
     }
     last_change_s = 0.0
     last_budget: float | None = None
@@ -134,10 +238,14 @@ def run_policy(policy: str, scenario_name: str, hours: float, seed: int, model: 
     ticks_per_control = round(CONTROL_PERIOD_S / SUB_STEP_S)
     ticks_per_window = round(SLO_WINDOW_S / SUB_STEP_S)
     ticks_per_timeline = round(TIMELINE_EVERY_S / SUB_STEP_S)
+    allowed_violations = int((1.0 - TARGET_ATTAINMENT) * (steps // ticks_per_window) + 1e-9)
     energy_prev = energy0
+    last_dir: dict[int, int] = {}
+    last_batch = {n: host.batch_state(n)["limit"] for n in names}
+    k = 0
     for k in range(steps):
         now_s = k * SUB_STEP_S
-        watts = scenario.budget.at(now_s, duration_s)
+        watts = scenario.budget_w(gpu, now_s, duration_s)
         price = (
             None if scenario.price_per_mwh is None else scenario.price_per_mwh.at(now_s, duration_s)
         )
@@ -145,18 +253,30 @@ def run_policy(policy: str, scenario_name: str, hours: float, seed: int, model: 
         if changed and k > 0:
             last_change_s = now_s
         last_budget = watts
-        if k % ticks_per_control == 0 or changed:
+        # Fixed policies decide only when the budget changes (their decision depends on
+        # nothing else); feedback policies every control period.
+        if (k % ticks_per_control == 0 and not (blind and k > 0)) or changed:
             budget = BudgetInForce(watts, BudgetSource.FACILITY if watts else BudgetSource.NONE)
-            obs = _observe(host, setup, budget, now_s, price)
+            obs = sensor.observe(budget, now_s, price)
             decision = ctrl.decide(obs)
             res.modes[decision.mode] = res.modes.get(decision.mode, 0) + 1
-            current = {g.index: g.power_limit_w for g in obs.gpus}
+            if not blind and _in_low_phase(scenario, now_s / duration_s):
+                res.low_phase_ticks += 1
+                if decision.mode in ("budget-bound", "infeasible"):
+                    res.low_phase_bound_ticks += 1
+            current = {g.index: g.power_limit_w for g in host.gpu_readings()}
             for index, limit_w in order_writes(current, decision.power_limits_w):
                 host.set_power_limit_w(index, limit_w)
             for srv in obs.servers:
                 want = decision.batch_limits.get(srv.name)
+                n = index_of[srv.name]
                 if want is not None and want != srv.batch_limit:
-                    host.set_batch_limit(index_of[srv.name], int(want))
+                    host.set_batch_limit(n, int(want))
+                    step = 1 if want > last_batch[n] else -1
+                    if last_dir.get(n, step) != step:
+                        res.batch_reversals += 1
+                    last_dir[n] = step
+                    last_batch[n] = int(want)
         host.step(SUB_STEP_S)
         readings = host.gpu_readings()
         # Power against the budget is the NVML 1 s average: what the GPUs' own power cap
@@ -184,8 +304,13 @@ def run_policy(policy: str, scenario_name: str, hours: float, seed: int, model: 
                 res.slo_violation_windows += 1
         if (k + 1) % ticks_per_timeline == 0:
             _record(tl, host, setup, names, now_s + SUB_STEP_S, watts, power_w, limits_w)
+        if abort_when_infeasible and (
+            res.seconds_above_budget > 0 or res.slo_violation_windows > allowed_violations
+        ):
+            res.aborted = True
+            break
     res.wall_s = time.perf_counter() - started
-    res.virtual_s = duration_s
+    res.virtual_s = (k + 1) * SUB_STEP_S
     res.tokens = sum(host.tokens_generated_total(n) for n in names) - tokens0
     res.energy_j = host.energy_j_total() - energy0
     res.timeline = tl
@@ -202,9 +327,10 @@ def _record(
     power_w: float,
     limits_w: float,
 ) -> None:
-    itl, ttft, batch = 0.0, 0.0, 0.0
+    itl, ttft, batch, rps = 0.0, 0.0, 0.0, 0.0
     for n in names:
         sig = host.server_signals(n, TIMELINE_EVERY_S)
+        rps += sig.requests_per_s
         i = quantile_of(sig.itl_s, setup.slo.itl_quantile)
         f = quantile_of(sig.ttft_s, setup.slo.ttft_quantile)
         if i is not None and setup.slo.itl_s:
@@ -219,3 +345,4 @@ def _record(
     tl["itl_ratio"].append(itl)
     tl["ttft_ratio"].append(ttft)
     tl["batch_mean"].append(batch)
+    tl["requests_per_s"].append(rps)

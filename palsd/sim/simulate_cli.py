@@ -1,4 +1,9 @@
-"""`palsd simulate`: every policy through one scenario on the twin, in virtual time, in parallel."""
+"""`palsd simulate`: every policy through one scenario on the twin, in virtual time, in parallel,
+plus the hindsight sweep of fixed (cap, batch limit) pairs that picks `best_fixed`.
+
+Exit status: 0 when every target of the scenario is met, 1 when one is missed (report.json's
+`targets` says which), 2 on bad arguments.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from palsd.sim.policies import POLICIES
-from palsd.sim.scenarios import MODELS, SCENARIOS, build_scenario
+from palsd.sim.policies import POLICIES, fixed_name
+from palsd.sim.scenarios import MODELS, N_GPUS, SCENARIOS, build_scenario, sweep_caps_w
+
+SWEEP_BATCHES = (32, 64, 128, 256)
+SWEEP_STEP_W = 50.0
+BEST_FIXED = "best_fixed"
+
+
+def _gpu_choices() -> list[str]:
+    from palsd.sim.gpu_model import GPU_PRESETS
+
+    return sorted(GPU_PRESETS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,59 +33,106 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hours", type=float, default=1.0, help="virtual hours (default 1)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", choices=sorted(MODELS), default="mixtral")
+    parser.add_argument("--gpu", choices=_gpu_choices(), default="h100")
     parser.add_argument("--out", type=Path, required=True, help="directory for the report")
+    every = [*POLICIES, BEST_FIXED]
     parser.add_argument(
         "--policies",
-        default=",".join(POLICIES),
-        help=f"comma-separated subset of {','.join(POLICIES)}",
+        default=",".join(every),
+        help=f"comma-separated subset of {','.join(every)} ({BEST_FIXED}: the fixed-pair sweep)",
     )
     parser.add_argument(
         "--jobs",
         type=int,
-        default=min(len(POLICIES), os.cpu_count() or 1),
-        help="policies run in this many processes",
+        default=os.cpu_count() or 1,
+        help="runs in this many processes (default: one per CPU)",
     )
 
 
-def _run(job: tuple[str, str, float, int, str]) -> Any:
+def _run(job: tuple[str, str, float, int, str, str, bool]) -> Any:
     from palsd.sim.simulate import run_policy
 
     return run_policy(*job)
 
 
+def sweep_pairs(gpu: str, lowest_budget_w: float | None) -> tuple[list[tuple[float, int]], list]:
+    """(pairs to run, pairs infeasible by construction: their caps sum above the lowest budget
+    of the run, so their limits alone would count as above budget)."""
+    run: list[tuple[float, int]] = []
+    skipped: list[tuple[float, int]] = []
+    for cap in sweep_caps_w(gpu, SWEEP_STEP_W):
+        for batch in SWEEP_BATCHES:
+            over = lowest_budget_w is not None and N_GPUS * cap > lowest_budget_w + 1e-6
+            (skipped if over else run).append((cap, batch))
+    return run, skipped
+
+
 def main(args: argparse.Namespace) -> int:
     from palsd.sim import report
+    from palsd.sim.scenarios import capacity_per_s
 
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
-    if unknown or args.hours <= 0:
-        print(f"palsd simulate: unknown policies {unknown} or non-positive --hours")
+    unknown = [p for p in names if p not in POLICIES and p != BEST_FIXED]
+    if unknown or args.hours <= 0 or args.jobs < 1:
+        print(f"palsd simulate: unknown policies {unknown}, non-positive --hours or --jobs")
         return 2
-    jobs = [(p, args.scenario, args.hours, args.seed, args.model) for p in names]
+    setup = MODELS[args.model]
+    scenario = build_scenario(args.scenario, args.seed)
+    duration_s = args.hours * 3600.0
+    # Measure the capacities once here, so forked workers inherit them instead of each
+    # measuring them again.
+    capacity_per_s(args.gpu, setup.model, setup.tp)
+    if scenario.long_share is not None:
+        capacity_per_s(args.gpu, setup.model, setup.tp, long=True)
+    base = (args.scenario, args.hours, args.seed, args.model, args.gpu)
+    jobs = [(p, *base, False) for p in names if p != BEST_FIXED]
+    skipped: list[tuple[float, int]] = []
+    if BEST_FIXED in names:
+        budgets = [
+            scenario.budget_w(args.gpu, s * duration_s, duration_s)
+            for s, _ in scenario.budget.steps
+        ]
+        lowest = min((b for b in budgets if b is not None), default=None)
+        pairs, skipped = sweep_pairs(args.gpu, lowest)
+        # Highest caps first: they run longest when feasible, so the pool stays balanced.
+        pairs.sort(key=lambda p: (-p[0], -p[1]))
+        jobs += [(fixed_name(c, b), *base, True) for c, b in pairs]
     started = time.perf_counter()
     if args.jobs > 1 and len(jobs) > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            runs = pool.map(_run, jobs, chunksize=1)
+            runs = list(pool.imap_unordered(_run, jobs, chunksize=1))
     else:
         runs = [_run(j) for j in jobs]
     wall_s = time.perf_counter() - started
-    setup = MODELS[args.model]
-    scenario = build_scenario(args.scenario, args.seed)
+    from palsd.sim.gpu_model import GPU_PRESETS
+
     meta = {
         "scenario": args.scenario,
         "description": scenario.description,
         "model": setup.model,
-        "host": f"8 x H100 SXM, {8 // setup.tp} servers at TP={setup.tp}",
+        "gpu": args.gpu,
+        "host": f"{N_GPUS} x {GPU_PRESETS[args.gpu].name}, {N_GPUS // setup.tp} servers at "
+        f"TP={setup.tp}",
         "hours": args.hours,
         "seed": args.seed,
         "slo": (
             f"TTFT p{setup.slo.ttft_quantile * 100:.0f} <= {setup.slo.ttft_s} s, "
             f"ITL p{setup.slo.itl_quantile * 100:.0f} <= {setup.slo.itl_s} s"
         ),
+        "capacity_requests_per_s": capacity_per_s(args.gpu, setup.model, setup.tp),
         "wall_s_all_policies": wall_s,
         "jobs": args.jobs,
+        "runs": len(jobs),
+        "best_fixed_swept": BEST_FIXED in names,
+        "command": (
+            f"palsd simulate --scenario {args.scenario} --gpu {args.gpu} --model {args.model} "
+            f"--hours {args.hours:g} --seed {args.seed} --jobs {args.jobs} --out {args.out}"
+        ),
     }
-    result = report.write(args.out, meta, runs)
+    order = {p: i for i, p in enumerate(names)}
+    runs.sort(key=lambda r: order.get(r.policy, len(order)))
+    result = report.write(args.out, meta, runs, skipped)
     print((args.out / "report.md").read_text())
-    print(f"all {len(runs)} policies in {wall_s:.1f} s wall ({args.jobs} processes)")
-    return 0 if result else 1
+    print(f"{len(runs)} runs in {wall_s:.1f} s wall ({args.jobs} processes)")
+    missed = [t for t in result["targets"] if not t["met"]]
+    return 1 if missed else 0

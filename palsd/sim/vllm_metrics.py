@@ -7,6 +7,10 @@ server (see docs/simhost.md); counters carry `_total`, and every counter and his
 
 from __future__ import annotations
 
+import math
+
+from palsd.sense.vllm_metrics import EngineKey, EngineSample
+from palsd.sense.vllm_metrics import Histogram as ScrapedHistogram
 from palsd.sim.records import Histogram
 from palsd.sim.server_model import ServerSim
 
@@ -21,6 +25,44 @@ def _labels(model_name: str, extra: dict[str, str] | None = None) -> str:
     # sorted by label name, as prometheus_client writes them
     labels = {"engine": "0", "model_name": model_name, **(extra or {})}
     return "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
+
+
+def _scraped(h: Histogram) -> ScrapedHistogram:
+    acc = 0.0
+    buckets = []
+    for bound, count in zip(h.bounds, h.counts, strict=False):
+        acc += count
+        buckets.append((bound, acc))
+    acc += h.counts[-1]
+    buckets.append((math.inf, acc))
+    return ScrapedHistogram(buckets=tuple(buckets), count=acc, sum_s=h.sum)
+
+
+def engine_samples(server: ServerSim, model_name: str) -> dict[EngineKey, EngineSample]:
+    """What `palsd.sense.vllm_metrics.parse_metrics(render_metrics(server, ...))` returns,
+    built without the text round trip (a page costs ~10 ms to parse; the simulation scrapes
+    every server every tick). tests/unit/test_simulate.py asserts the two are equal."""
+    s = server
+    sample = EngineSample(
+        model_name=model_name,
+        engine="0",
+        running=float(s.running),
+        waiting=float(s.pending_waiting),
+        kv_cache_usage=float(s.kv_usage),
+        prompt_tokens=float(s.prompt_tokens_total),
+        generation_tokens=float(s.generation_tokens_total),
+        preemptions=float(s.preemptions_total),
+        requests_finished=float(
+            sum(
+                s.success_total.get(r, 0)
+                for r in ("stop", "length", "abort", "error", "repetition")
+            )
+        ),
+        ttft=_scraped(s.h_ttft),
+        itl=_scraped(s.h_itl),
+        e2e=_scraped(s.h_e2e),
+    )
+    return {sample.key: sample}
 
 
 def render_metrics(server: ServerSim, model_name: str, created_s: float) -> str:

@@ -40,6 +40,9 @@ class LengthDist:
 # Chat-like lengths (ShareGPT-ish): medians 384 in, 192 out.
 DEFAULT_PROMPT = LengthDist(median=384, sigma=0.9, lo=16, hi=4096)
 DEFAULT_OUTPUT = LengthDist(median=192, sigma=0.8, lo=8, hi=2048)
+# Long-prompt, prefill-heavy traffic (summarisation, RAG): medians 3000 in, 96 out.
+LONG_PROMPT = LengthDist(median=3000, sigma=0.4, lo=512, hi=8000)
+LONG_OUTPUT = LengthDist(median=96, sigma=0.6, lo=8, hi=1024)
 
 
 class ArrivalStream(Protocol):
@@ -241,3 +244,65 @@ class _BacklogStream(_LazyStream):
 
     def _generate(self, until_s: float) -> Arrival | None:
         return Arrival(0.0, self._w.prompt.draw(self._rng), self._w.output.draw(self._rng))
+
+
+class _MixedStream(_LazyStream):
+    """Thinning against a bound, with the request class drawn per arrival by the long-prompt
+    share at that time, and an optional two-state burst modulation (its own seeded schedule,
+    so the bursts do not depend on the arrivals)."""
+
+    def __init__(self, w: MixedWorkload, rng: random.Random, burst_rng: random.Random) -> None:
+        super().__init__()
+        self._w = w
+        self._rng = rng
+        self._burst_rng = burst_rng
+        self._candidate = rng.expovariate(w.rate_max_per_s)
+        self._high = False
+        self._switch_at = 0.0
+        if w.bursts is not None:
+            self._switch_at = burst_rng.expovariate(1.0 / w.bursts[2])
+
+    def _burst(self, t: float) -> float:
+        b = self._w.bursts
+        if b is None:
+            return 1.0
+        low, high, low_s, high_s = b
+        while t >= self._switch_at:
+            self._high = not self._high
+            self._switch_at += self._burst_rng.expovariate(1.0 / (high_s if self._high else low_s))
+        return high if self._high else low
+
+    def _generate(self, until_s: float) -> Arrival | None:
+        w, rng = self._w, self._rng
+        while self._candidate <= until_s:
+            t = self._candidate
+            self._candidate = t + rng.expovariate(w.rate_max_per_s)
+            r = w.rate_per_s(t) * self._burst(t)
+            if rng.random() * w.rate_max_per_s <= r:
+                long = rng.random() < w.long_share(t)
+                prompt, output = (w.long_prompt, w.long_output) if long else (w.prompt, w.output)
+                return Arrival(t, prompt.draw(rng), output.draw(rng))
+        return None
+
+
+def _no_long(_t: float) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True)
+class MixedWorkload:
+    """Poisson arrivals at `rate_per_s(t)` (bounded by `rate_max_per_s`), each request chat-like
+    or long-prompt by `long_share(t)`, optionally burst-modulated: bursts = (low multiplier,
+    high multiplier, mean low spell s, mean high spell s)."""
+
+    rate_per_s: RateFn
+    rate_max_per_s: float
+    long_share: RateFn = _no_long
+    bursts: tuple[float, float, float, float] | None = None
+    prompt: LengthDist = DEFAULT_PROMPT
+    output: LengthDist = DEFAULT_OUTPUT
+    long_prompt: LengthDist = LONG_PROMPT
+    long_output: LengthDist = LONG_OUTPUT
+
+    def stream(self, server: int, seed: int) -> ArrivalStream:
+        return _MixedStream(self, _rng(seed, server, 4), _rng(seed, server, 5))
