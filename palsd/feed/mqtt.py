@@ -1,16 +1,24 @@
 """The MQTT client of the facility feed: connect, subscribe, hand valid budgets to the daemon,
 publish status and liveness, reconnect forever. The only module that imports aiomqtt.
 
-Everything it decides about a message is in payload.py and topics.py; this file does the I/O,
-the counting and the logging. It never raises out of `run()` on broker trouble: a lost broker
-means the budgets already accepted stay in force until they expire (the budget book's rule).
+Everything it decides about a message is in payload.py, signing.py and topics.py; this file does
+the I/O, the counting and the logging. Its rules:
+- Every message taken off the client's queue ends as exactly one counted outcome: handed over
+  (budget, price), ignored (duplicate, superseded) or rejected with a reason. Nothing raised
+  while handling a message leaves this file: the session survives any payload.
+- Budgets coalesce, never queue: messages already waiting are taken together (at most
+  MAX_BATCH per loop iteration, so a flood cannot starve the control loop), and only the newest
+  accepted one per topic is handed to the daemon; the older ones are counted as superseded.
+- The client's incoming queue is bounded; a message it cannot hold is counted as dropped.
+- A stop (cancellation) always finishes within STOP_BOUND_S, whatever the broker does.
+It never raises out of `run()` on broker trouble: a lost broker means the budgets already
+accepted stay in force until they expire (the budget book's rule).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import socket
 import ssl
@@ -24,12 +32,14 @@ from urllib.parse import urlsplit
 import aiomqtt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from palsd.atomicfile import write_atomic
 from palsd.config import MqttConfig
 from palsd.core.budget import BudgetEntry
 from palsd.feed.backoff import backoff_s
 from palsd.feed.payload import (
     REASONS,
     BudgetMessage,
+    Message,
     Rejected,
     Rules,
     SeqBook,
@@ -38,6 +48,23 @@ from palsd.feed.payload import (
 )
 from palsd.feed.topics import FeedTopics, Kind, Route
 from palsd.report.logs import get_logger
+
+# Messages handled per loop iteration at most: about 30 µs each, so a few ms, then the loop
+# (the control tick, a budget enforcement) runs before the next batch.
+MAX_BATCH = 256
+# The client's incoming queue: far above what a keeping-up feed ever holds (it drains in
+# batches), small enough that a flood cannot exhaust memory. What does not fit is counted.
+MAX_QUEUED = 10_000
+# A stop: at most this long to publish "offline", and this long for the DISCONNECT.
+OFFLINE_PUBLISH_S = 1.0
+DISCONNECT_S = 1.0
+STOP_BOUND_S = OFFLINE_PUBLISH_S + DISCONNECT_S
+# Per-call bound on subscribe and status publish during a session.
+CALL_TIMEOUT_S = 10.0
+# Feed-level outcome that is not the decoder's: a bug while handling one message. Counted,
+# logged with the traceback, and the session carries on.
+FEED_REASONS = (*REASONS, "internal_error")
+KINDS = ("budget", "price", "duplicate", "superseded")
 
 
 class BudgetSink(Protocol):
@@ -74,19 +101,37 @@ def _load_secrets(cfg: MqttConfig, use_tls: bool) -> _Secrets:
 
 class _FeedMetrics:
     def __init__(self, r: CollectorRegistry) -> None:
+        self.received = Counter(
+            "palsd_mqtt_received_total",
+            "MQTT messages taken off the client's queue; each ends in exactly one of "
+            "palsd_mqtt_messages_total{kind} or palsd_mqtt_rejected_total{reason}",
+            registry=r,
+        )
         self.rejected = Counter(
             "palsd_mqtt_rejected_total", "MQTT messages rejected, by reason", ["reason"], registry=r
         )
-        for reason in REASONS:
+        for reason in FEED_REASONS:
             self.rejected.labels(reason)  # every reason visible at 0, so alerts can use rate()
         self.messages = Counter(
             "palsd_mqtt_messages_total",
-            "MQTT messages accepted (budget, price) or ignored as exact duplicates",
+            "MQTT messages handed to the daemon (budget, price) or ignored: the same bytes "
+            "again (duplicate), or a newer budget for the same topic in the same batch "
+            "(superseded)",
             ["kind"],
             registry=r,
         )
-        for kind in ("budget", "price", "duplicate"):
+        for kind in KINDS:
             self.messages.labels(kind)
+        self.dropped = Counter(
+            "palsd_mqtt_dropped_total",
+            "MQTT messages dropped before palsd could read them, by reason (queue_full)",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped.labels("queue_full")
+        self.queued = Gauge(
+            "palsd_mqtt_queued_messages", "MQTT messages waiting in the client's queue", registry=r
+        )
         self.connected = Gauge(
             "palsd_mqtt_connected", "1 while connected to the broker", registry=r
         )
@@ -103,6 +148,20 @@ class _FeedMetrics:
             "seconds since the last accepted facility budget (NaN: none yet)",
             registry=r,
         )
+
+
+class _Inbox(asyncio.Queue[aiomqtt.Message]):
+    """The client's incoming queue (aiomqtt's `queue_type`): bounded, and counts what it drops
+    (aiomqtt would only log a warning)."""
+
+    on_drop: Callable[[], None] = staticmethod(lambda: None)
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        try:
+            super().put_nowait(item)
+        except asyncio.QueueFull:
+            self.on_drop()
+            raise
 
 
 class MqttFeed:
@@ -144,7 +203,12 @@ class MqttFeed:
         self._last_reject: Rejected | None = None
         self._last_reject_at: float | None = None
         self._last_error: str | None = None
-        self._counts = {"budget": 0, "price": 0, "duplicate": 0, "rejected": 0}
+        self._counts = {k: 0 for k in (*KINDS, "rejected")}
+        self._received = 0
+        self._dropped = 0
+        self._queue_len: Callable[[], int] = lambda: 0
+        self.metrics.queued.set_function(lambda: self._queue_len())
+        self._reject_log = _LogLimiter()
 
     # ---- what the daemon reads ----
 
@@ -169,8 +233,9 @@ class MqttFeed:
         assert self.seq_path is not None
         while True:
             book = self.seqs
+            data = json.dumps(book.to_json()).encode()
             try:
-                await asyncio.to_thread(_write_atomically, self.seq_path, book.to_json())
+                await asyncio.to_thread(_write_book, self.seq_path, data)
             except OSError as err:
                 self.log.error(
                     "mqtt_seq_record_write_failed", path=str(self.seq_path), error=str(err)
@@ -194,6 +259,8 @@ class MqttFeed:
             "last_reject_at": self._last_reject_at,
             "last_error": self._last_error,
             "messages_total": dict(self._counts),
+            "received_total": self._received,
+            "dropped_total": self._dropped,
             "reconnects_total": max(0, self._attempts - 1),
         }
 
@@ -205,7 +272,8 @@ class MqttFeed:
     # ---- the connection loop ----
 
     async def run(self) -> None:
-        """Stay connected until cancelled; on any failure log it, back off, try again."""
+        """Stay connected until cancelled; on any failure log it, back off, try again.
+        Cancelled, it returns (by raising CancelledError) within STOP_BOUND_S."""
         if self.seq_path is not None:
             self.seqs = await asyncio.to_thread(self._load_seqs, self.seq_path)
         failures = 0
@@ -228,6 +296,7 @@ class MqttFeed:
                 )
             finally:
                 self._set_connected(False)
+                self._queue_len = lambda: 0
             delay = backoff_s(
                 failures, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, random.random()
             )
@@ -248,6 +317,7 @@ class MqttFeed:
             secrets.hmac_key,
         )
         will = aiomqtt.Will(self.topics.state, b"offline", qos=1, retain=True)
+        inbox = type("Inbox", (_Inbox,), {"on_drop": staticmethod(self._count_dropped)})
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -257,37 +327,47 @@ class MqttFeed:
             keepalive=self.cfg.keepalive_s,
             will=will,
             tls_context=secrets.tls,
-            timeout=10,
+            timeout=CALL_TIMEOUT_S,
             clean_session=True,
+            queue_type=inbox,
+            max_queued_incoming_messages=MAX_QUEUED,
         )
         async with client:
             self._set_connected(True)
+            self._queue_len = lambda: len(client.messages)
             self._last_error = None
-            await client.publish(self.topics.state, b"online", qos=1, retain=True)
-            for topic in self.topics.subscriptions():
-                await client.subscribe(topic, qos=1)
-            self.log.info(
-                "mqtt_connected",
-                broker=f"{self.host}:{self.port}",
-                client_id=self.client_id,
-                subscriptions=self.topics.subscriptions(),
-            )
             try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._receive(client), name="mqtt-receive")
-                    tg.create_task(self._publish_status(client), name="mqtt-status")
+                await client.publish(self.topics.state, b"online", qos=1, retain=True)
+                for topic in self.topics.subscriptions():
+                    await client.subscribe(topic, qos=1)
+                self.log.info(
+                    "mqtt_connected",
+                    broker=f"{self.host}:{self.port}",
+                    client_id=self.client_id,
+                    subscriptions=self.topics.subscriptions(),
+                )
+                await _first_failure(
+                    asyncio.create_task(self._receive(client), name="mqtt-receive"),
+                    asyncio.create_task(self._publish_status(client), name="mqtt-status"),
+                )
             except asyncio.CancelledError:
-                # A clean stop: say so ourselves, since a clean DISCONNECT suppresses the will.
-                await _quietly(client.publish(self.topics.state, b"offline", qos=1, retain=True))
+                # A clean stop: say so ourselves, since a clean DISCONNECT suppresses the will;
+                # then a short DISCONNECT, so a silent broker cannot hold the stop.
+                await _quietly(
+                    client.publish(self.topics.state, b"offline", qos=1, retain=True),
+                    OFFLINE_PUBLISH_S,
+                )
+                client.timeout = DISCONNECT_S
                 raise
-            except BaseExceptionGroup as group:
-                raise group.exceptions[0] from None
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        batch: list[tuple[str, bytes]] = []
         async for message in client.messages:
-            payload = message.payload
-            raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-            self.handle(str(message.topic), bytes(raw))
+            batch.append((str(message.topic), _payload_bytes(message.payload)))
+            if len(batch) < MAX_BATCH and len(client.messages) > 0:
+                continue  # more already waiting: take them together, hand over the newest
+            self.handle_batch(batch)
+            batch = []
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         while True:
@@ -299,46 +379,89 @@ class MqttFeed:
                 await client.publish(self.topics.status, body.encode(), qos=1, retain=True)
             await asyncio.sleep(self.cfg.status_interval_s)
 
-    # ---- one message (sync, on the event loop: a lower budget reaches the sink at once) ----
+    # ---- messages (sync, on the event loop: a lower budget reaches the sink at once) ----
 
     def handle(self, topic: str, raw: bytes) -> None:
+        """One message on its own (a batch of one)."""
+        self.handle_batch([(topic, raw)])
+
+    def handle_batch(self, messages: list[tuple[str, bytes]]) -> None:
+        """Check every message in arrival order (the sequence book sees each), then hand the
+        daemon only the newest accepted one per topic; the others were superseded."""
         now = self.clock()
+        newest: dict[str, tuple[Route, Message]] = {}
+        for topic, raw in messages:
+            self._received += 1
+            self.metrics.received.inc()
+            try:
+                admitted = self._admit(topic, raw, now)
+            except Exception as err:  # a bug, not a bad message: count it, keep the session
+                self._reject(topic, Rejected("internal_error", _describe(err)))
+                self.log.exception("mqtt_message_internal_error", topic=topic)
+                continue
+            if admitted is None:
+                continue
+            route, msg = admitted
+            older = newest.get(route.origin)
+            if older is not None:
+                self._count("superseded")
+                self.log.info(
+                    "mqtt_message_superseded",
+                    topic=route.origin,
+                    seq=older[1].seq,
+                    sender=older[1].sender,
+                    by_seq=msg.seq,
+                )
+            newest[route.origin] = (route, msg)
+        if not newest:
+            return
+        self._save_seqs_soon()
+        self._last_message_at = now
+        self.metrics.last_message_ts.set(now)
+        for route, msg in newest.values():
+            try:
+                self._deliver(route, msg, now)
+            except Exception as err:  # the daemon's bug must not cost the feed its session
+                self.log.exception(
+                    "mqtt_handover_failed", topic=route.origin, seq=msg.seq, error=_describe(err)
+                )
+
+    def _admit(self, topic: str, raw: bytes, now: float) -> tuple[Route, Message] | None:
+        """Decode and sequence-check one message; count and log it if it goes no further."""
         route = self.topics.route(topic)
         if route is None:
             self._reject(topic, Rejected("unknown_topic", "not a subscribed topic"))
-            return
+            return None
+        decoded: Message | Rejected
         if route.kind is Kind.BUDGET:
-            decoded: Any = decode_budget(
+            decoded = decode_budget(
                 raw, now, self.rules, topic=topic, max_budget_w=self.cfg.max_budget_w / route.share
             )
         else:
             decoded = decode_price(raw, now, self.rules, topic=topic)
         if isinstance(decoded, Rejected):
             self._reject(topic, decoded)
-            return
+            return None
         seen = self.seqs.check(route.origin, decoded)
         if isinstance(seen, Rejected):
             self._reject(topic, seen)
-            return
+            return None
         if seen == "duplicate":
             self._count("duplicate")
             self.log.debug("mqtt_duplicate_ignored", topic=topic, seq=decoded.seq)
-            return
+            return None
         self.seqs = self.seqs.accepted(route.origin, decoded)
-        self._save_seqs_soon()
-        self._last_message_at = now
-        self.metrics.last_message_ts.set(now)
-        if isinstance(decoded, BudgetMessage):
-            self._apply_budget(route, decoded, now)
-        else:
-            self._count("price")
-            self.log.info(
-                "mqtt_price_accepted",
-                price_per_mwh=decoded.price_per_mwh,
-                seq=decoded.seq,
-                sender=decoded.sender,
-            )
-            self.sink.price(decoded.price_per_mwh, decoded.expires_at)
+        return route, decoded
+
+    def _deliver(self, route: Route, msg: Message, now: float) -> None:
+        if isinstance(msg, BudgetMessage):
+            self._apply_budget(route, msg, now)
+            return
+        self._count("price")
+        self.log.info(
+            "mqtt_price_accepted", price_per_mwh=msg.price_per_mwh, seq=msg.seq, sender=msg.sender
+        )
+        self.sink.price(msg.price_per_mwh, msg.expires_at)
 
     def _apply_budget(self, route: Route, msg: BudgetMessage, now: float) -> None:
         watts = msg.budget_w * route.share
@@ -365,6 +488,17 @@ class MqttFeed:
             expires_at=msg.expires_at,
         )
 
+    def _count_dropped(self) -> None:
+        self._dropped += 1
+        self.metrics.dropped.labels("queue_full").inc()
+        if self._dropped == 1 or self._dropped % 1000 == 0:
+            self.log.error(
+                "mqtt_queue_full",
+                dropped_total=self._dropped,
+                queued=MAX_QUEUED,
+                action="message dropped unread; palsd is not keeping up with the broker",
+            )
+
     def _count(self, kind: str) -> None:
         self._counts[kind] += 1
         self.metrics.messages.labels(kind).inc()
@@ -373,6 +507,11 @@ class MqttFeed:
         self._counts["rejected"] += 1
         self._last_reject, self._last_reject_at = rejected, self.clock()
         self.metrics.rejected.labels(rejected.reason).inc()
+        # Every rejection is counted; the log is rate-limited per reason, so a hostile flood
+        # cannot flood the journal too.
+        suppressed = self._reject_log.allow(rejected.reason, time.monotonic())
+        if suppressed is None:
+            return
         self.log.warning(
             "mqtt_message_rejected",
             topic=topic,
@@ -380,13 +519,57 @@ class MqttFeed:
             detail=rejected.detail,
             sender=rejected.sender,
             seq=rejected.seq,
+            suppressed_since_last=suppressed,
             action="ignored; nothing changed",
         )
 
 
-async def _quietly(coro: Any) -> None:
+class _LogLimiter:
+    """At most `burst` log lines per reason per `window_s`; says how many were left out."""
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._windows: dict[str, tuple[float, int, int]] = {}  # start, logged, suppressed
+
+    def allow(self, key: str, now_s: float) -> int | None:
+        """None: leave this one out. Otherwise log it, with this many left out before it."""
+        start, logged, suppressed = self._windows.get(key, (now_s, 0, 0))
+        if now_s - start >= self.window_s:
+            start, logged = now_s, 0
+        if logged >= self.burst:
+            self._windows[key] = (start, logged, suppressed + 1)
+            return None
+        self._windows[key] = (start, logged + 1, 0)
+        return suppressed
+
+
+async def _first_failure(*tasks: asyncio.Task[None]) -> None:
+    """Run the session's tasks until one ends; cancel and await the others; raise its error.
+
+    Not a TaskGroup, on purpose: in CPython 3.11 a TaskGroup whose child fails while a stop
+    (cancellation) is arriving raises the child's error and swallows the stop, and the feed
+    would then reconnect forever instead of stopping (issue 12: SIGTERM hung > 30 s)."""
     try:
-        await asyncio.wait_for(coro, timeout=1.0)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and (err := task.exception()) is not None:
+            raise err
+    raise ConnectionError("the MQTT session ended")
+
+
+def _payload_bytes(payload: Any) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return b"" if payload is None else str(payload).encode()
+
+
+async def _quietly(coro: Any, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(coro, timeout=timeout_s)
     except Exception:
         pass
 
@@ -396,11 +579,6 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _write_atomically(path: Path, data: Any) -> None:
+def _write_book(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
