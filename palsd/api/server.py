@@ -17,7 +17,7 @@ from aiohttp import web
 
 from palsd.api.auth import peer_of, token_ok, uid_may_change
 from palsd.core.budget import BudgetEntry
-from palsd.runtime.daemon import Daemon
+from palsd.runtime.control import DaemonControl
 from palsd.runtime.instance_lock import StartRefused
 
 
@@ -65,7 +65,7 @@ def _error(status: int, reason: str, message: str) -> web.Response:
 class ApiServer:
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: DaemonControl,
         socket_path: Path,
         admin_group: str | None,
         tcp: tuple[str, int] | None = None,
@@ -145,10 +145,8 @@ class ApiServer:
         return web.json_response(self.daemon.status())
 
     async def get_health(self, request: web.Request) -> web.Response:
-        last = self.daemon.last_tick_at
-        age = None if last is None else max(0.0, self.daemon.clock() - last)
-        ok = age is not None and age < max(5.0, 5 * self.daemon.period_s)
-        return web.json_response({"ok": ok, "last_tick_age_s": age}, status=200 if ok else 503)
+        health = self.daemon.health()
+        return web.json_response(health, status=200 if health["ok"] else 503)
 
     async def put_override(self, request: web.Request) -> web.Response:
         refused = self._authorised(request)
@@ -166,7 +164,7 @@ class ApiServer:
         problem = self._check_override(body)
         if problem is not None:
             return self._refuse("bad_value", problem)
-        now = self.daemon.clock()
+        now = self.daemon.now()
         ttl = body.get("ttl_s")
         entry = BudgetEntry(
             watts=float(body["budget_w"]),

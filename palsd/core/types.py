@@ -65,9 +65,26 @@ class ServerSignals:
     window_s: float = 0.0
 
 
+class BatchControl(StrEnum):
+    """Whether palsd can read and set a server's batch limit, and if not, why.
+
+    Anything but OK means the server is cap-only this tick: its observation carries
+    `batch_limit=None` and no batch limit is written to it.
+    """
+
+    UNKNOWN = "unknown"  # not read yet (just started)
+    OK = "ok"
+    PLUGIN_MISSING = "plugin_missing"  # HTTP 404/405: no endpoint (plugin not loaded in vLLM)
+    ENGINE_PLUGIN_MISSING = "engine_plugin_missing"  # HTTP 501: endpoint without its engine half
+    UNAUTHORISED = "unauthorised"  # HTTP 401/403: the token does not match
+    UNREACHABLE = "unreachable"  # transport error, timeout, 5xx or a malformed answer
+
+
 @dataclass(frozen=True)
 class ServerObservation:
-    """One configured vLLM server. `signals is None` means stale: the scrape failed."""
+    """One configured vLLM server. `signals is None` means stale: the scrape failed or is
+    too old. `batch_limit` is the limit the server itself reported (never palsd's wish);
+    None when unknown, which is always the case unless `batch_control` is OK."""
 
     name: str
     url: str
@@ -76,6 +93,13 @@ class ServerObservation:
     signals: ServerSignals | None
     batch_limit: int | None  # None: unknown (endpoint unreachable or not installed)
     max_num_seqs: int | None
+    batch_control: BatchControl = BatchControl.OK
+    batch_control_reason: str | None = None  # why batch control is not OK, for reasons/status
+
+    @property
+    def batch_controllable(self) -> bool:
+        """False: treat this server as cap-only (no batch limit can be read or set)."""
+        return self.batch_control is BatchControl.OK
 
 
 class BudgetSource(StrEnum):

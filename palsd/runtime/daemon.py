@@ -355,6 +355,19 @@ class Daemon:
             sum_power_w=round(power_w, 1),
         )
 
+    def now(self) -> float:
+        return self.clock()
+
+    def health(self) -> dict[str, Any]:
+        last = self.last_tick_at
+        age = None if last is None else max(0.0, self.clock() - last)
+        problems = []
+        if age is None or age >= max(5.0, 5 * self.period_s):
+            problems.append("the control loop has not completed a tick recently")
+        if self.actuator.record_problem is not None:
+            problems.append(self.actuator.record_problem)
+        return {"ok": not problems, "last_tick_age_s": age, "problems": problems}
+
     def status(self) -> dict[str, Any]:
         extra = {name: provider() for name, provider in self.status_extra.items()}
         extra["last_tick_at"] = self.last_tick_at
