@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types as at
 from pydantic import BaseModel
@@ -128,6 +128,11 @@ def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:  # e.g. a list of bounded integers: name the type and its bounds
+        base, *meta = get_args(annotation)
+        bounds = _constraints(FieldInfo.merge_field_infos(*[m for m in meta if isinstance(
+            m, FieldInfo)])) if any(isinstance(m, FieldInfo) for m in meta) else ""
+        return _type_name(base) + (f" ({bounds})" if bounds else "")
     if origin in (types.UnionType, typing.Union):
         parts = [_type_name(a) for a in get_args(annotation) if a is not type(None)]
         nullable = type(None) in get_args(annotation)

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, check_files=False)  # restoring needs no secret files
     except ConfigError as err:
         print(err.report(), file=sys.stderr)
         return 2
@@ -54,7 +54,11 @@ def _restore(cfg: PalsdConfig) -> int:
 
     async def restore() -> None:
         async with httpx.AsyncClient() as client:
-            ports = {link.name: link.batch for link in make_server_links(cfg, client)}
+            try:
+                ports = {link.name: link.batch for link in make_server_links(cfg, client)}
+            except OSError as err:  # e.g. an unreadable admin token: still put the GPUs back
+                log.error("batch_restore_unavailable", error=str(err))
+                ports = {}
             await put_back(originals, store, backend, ports, log)
 
     try:

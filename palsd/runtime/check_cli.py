@@ -19,6 +19,9 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err.report(), file=sys.stderr)
         return 2
+    except Exception as err:  # a checker must answer, never crash: one line, still exit 2
+        print(f"{args.file}: cannot be checked: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     gpus = "all" if cfg.gpu.indices is None else cfg.gpu.indices
     print(
         f"{args.file}: OK (backend {cfg.gpu.backend}, GPUs {gpus}, "
