@@ -1,24 +1,96 @@
 """Local API server (aiohttp). Reads are open to every local caller; changes need authority.
 
-Errors are JSON {"error": message, "reason": label}; every refusal is counted by reason.
+The rules of this file (the API faces every local user, so it assumes some are hostile):
+- Errors are JSON {"error": message, "reason": label}; every refusal is counted in
+  palsd_api_rejected_total{reason} and logged as one line, at most one per reason every
+  LOG_EVERY_S (with how many were suppressed): a client's fault never writes a traceback and
+  never floods the log.
+- A request body is validated by a strict pydantic model (OverrideRequest): unknown fields,
+  strings for numbers, booleans, non-finite or out-of-range numbers, a 5,000-digit integer: each
+  is a counted 400, never a 500. Bodies are capped at ApiLimits.max_body_bytes (413).
+- Connections are bounded: at most ApiLimits.max_connections_per_peer open at once per peer
+  (the uid on the Unix socket, root counted per process; the address on TCP) and
+  max_connections in all; the excess is answered 503 at once and closed. One request per
+  connection, and the whole exchange (headers, body, answer) must finish within
+  request_timeout_s or the connection is dropped: an idle or slow client holds nothing for long,
+  so a flood of idle connections never exhausts palsd's file descriptors.
+- A change whose client has already gone (closed its end while the request waited) is not
+  applied: nobody asked for it any more.
+- The server talks to the daemon through ApiPort, a small protocol, not Daemon's internals.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import asyncio
 import os
 import socket
 import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from palsd.api.auth import peer_of, token_ok, uid_may_change
 from palsd.core.budget import BudgetEntry
-from palsd.runtime.control import DaemonControl
+from palsd.core.types import BudgetInForce
 from palsd.runtime.instance_lock import StartRefused
+
+LOG_EVERY_S = 10.0
+MAX_OVERRIDE_TTL_S = 366 * 86_400.0  # whatever the config says, an override ends within a year
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_body_bytes: int = 4096
+    request_timeout_s: float = 10.0
+    max_connections_per_peer: int = 32
+    max_connections: int = 256
+    max_header_bytes: int = 4096
+
+
+class _Recorder(Protocol):
+    @property
+    def record_problem(self) -> str | None: ...
+
+
+class ApiPort(Protocol):
+    """What the API needs from the daemon."""
+
+    @property
+    def metrics(self) -> Any: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    @property
+    def period_s(self) -> float: ...
+
+    @property
+    def last_tick_at(self) -> float | None: ...
+
+    @property
+    def actuator(self) -> _Recorder: ...
+
+    def clock(self) -> float: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def set_override(self, entry: BudgetEntry | None) -> BudgetInForce: ...
+
+
+class OverrideRequest(BaseModel):
+    """PUT /v1/budget/override. Strict: 5 and 5.0 are numbers, "5" and true are not."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    budget_w: float = Field(gt=0, le=1_000_000)
+    ttl_s: float | None = Field(None, gt=0, le=MAX_OVERRIDE_TTL_S)
+    reason: str | None = Field(None, max_length=200)
 
 
 def check_socket_path(path: Path) -> None:
@@ -53,24 +125,167 @@ def _socket_is_live(path: Path) -> bool:
     return True
 
 
-def _remove_stale_socket(path: Path) -> None:
-    check_socket_path(path)
-    path.unlink(missing_ok=True)
-
-
 def _error(status: int, reason: str, message: str) -> web.Response:
     return web.json_response({"error": message, "reason": reason}, status=status)
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class _Throttle:
+    """One log line per reason per LOG_EVERY_S; the rest are counted and summed into the next."""
+
+    def __init__(self, log: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, event: str, reason: str, **fields: Any) -> None:
+        now = self._clock()
+        last = self._last.get(reason)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        suppressed = self._suppressed.pop(reason, 0)
+        self._log.warning(event, reason=reason, suppressed_since_last=suppressed, **fields)
+
+
+class _Guard:
+    """Connection accounting shared by every listener of one ApiServer."""
+
+    def __init__(self, limits: ApiLimits, refuse: Callable[[str, str], None]) -> None:
+        self.limits = limits
+        self.refuse = refuse
+        self.open: dict[Any, int] = {}
+        self.total = 0
+
+    def admit(self, peer: Any) -> str | None:
+        """None when the connection may stay, else the refusal reason."""
+        if self.total >= self.limits.max_connections:
+            return "too_many_connections"
+        if self.open.get(peer, 0) >= self.limits.max_connections_per_peer:
+            return "too_many_connections_from_peer"
+        self.open[peer] = self.open.get(peer, 0) + 1
+        self.total += 1
+        return None
+
+    def release(self, peer: Any) -> None:
+        left = self.open.get(peer, 0) - 1
+        if left > 0:
+            self.open[peer] = left
+        else:
+            self.open.pop(peer, None)
+        self.total -= 1
+
+
+def _peer_key(transport: asyncio.BaseTransport) -> Any:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        peer = peer_of(sock)
+        if peer is None:
+            return ("uid", None)
+        # Root can stop palsd anyway; counting root per process keeps one runaway root tool
+        # from locking out root's palsctl. Every other user is counted by uid.
+        return ("uid", peer.uid, peer.pid) if peer.uid == 0 else ("uid", peer.uid)
+    name = transport.get_extra_info("peername")
+    return ("addr", name[0] if isinstance(name, tuple) else name)
+
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's protocol with an admission check and a whole-exchange deadline."""
+
+    def __init__(self, manager: web.Server, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._peer: Any = None
+        self._admitted = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._quiet = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._peer = _peer_key(transport)
+        refused = self._guard.admit(self._peer)
+        if refused is not None:
+            body = (
+                b'{"error": "too many open connections; try again shortly", '
+                b'"reason": "' + refused.encode() + b'"}'
+            )
+            transport.write(_BUSY % (len(body), body))
+            transport.close()
+            self._guard.refuse(refused, f"peer {self._peer}")
+            return
+        self._admitted = True
+        self._deadline = self._loop.call_later(
+            self._guard.limits.request_timeout_s, self._expire, transport
+        )
+        super().connection_made(transport)
+
+    def _expire(self, transport: asyncio.Transport) -> None:
+        self._deadline = None
+        if not transport.is_closing():
+            self._guard.refuse("timeout", f"peer {self._peer}")
+            transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._guard.release(self._peer)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            super().data_received(data)
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 and not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)  # palsd's own bug
+        # A malformed request or oversized headers: the client's fault, one counted line.
+        self._guard.refuse("bad_http", str(message or exc or status)[:200])
+        self._quiet = True
+        try:
+            return super().handle_error(request, status, exc, message)
+        finally:
+            self._quiet = False
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        if not self._quiet:
+            super().log_exception(*args, **kw)
 
 
 class ApiServer:
     def __init__(
         self,
-        daemon: DaemonControl,
+        daemon: ApiPort,
         socket_path: Path,
         admin_group: str | None,
         tcp: tuple[str, int] | None = None,
         token: str | None = None,
         max_override_ttl_s: float | None = None,
+        limits: ApiLimits | None = None,
     ) -> None:
         self.daemon = daemon
         self.socket_path = Path(socket_path)
@@ -78,12 +293,16 @@ class ApiServer:
         self.tcp = tcp
         self.token = token
         self.max_override_ttl_s = max_override_ttl_s
+        self.limits = limits or ApiLimits()
         self._runner: web.AppRunner | None = None
+        self._listeners: list[asyncio.AbstractServer] = []
         self._socket_inode: int | None = None
         self.tcp_port: int | None = None
+        self._throttle = _Throttle(daemon.log)
+        self._guard = _Guard(self.limits, self._refused_connection)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._count])
+        app = web.Application(middlewares=[self._count], client_max_size=self.limits.max_body_bytes)
         app.router.add_get("/v1/status", self.get_status)
         app.router.add_get("/v1/health", self.get_health)
         app.router.add_put("/v1/budget/override", self.put_override)
@@ -91,22 +310,37 @@ class ApiServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(
+            self.app(),
+            access_log=None,
+            max_line_size=self.limits.max_header_bytes,
+            max_field_size=self.limits.max_header_bytes,
+            max_headers=32,
+        )
         await self._runner.setup()
+        loop = asyncio.get_running_loop()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_socket(self.socket_path)
-        site = web.UnixSite(self._runner, str(self.socket_path))
-        await site.start()
+        check_socket_path(self.socket_path)
+        self.socket_path.unlink(missing_ok=True)  # palsd's own stale socket (checked above)
+        unix = await loop.create_unix_server(self._protocol, str(self.socket_path), backlog=128)
+        self._listeners.append(unix)
         os.chmod(self.socket_path, 0o666)  # reads for every local user; changes are checked
         self._socket_inode = os.lstat(self.socket_path).st_ino
         if self.tcp is not None:
-            tcp_site = web.TCPSite(self._runner, self.tcp[0], self.tcp[1])
-            await tcp_site.start()
-            server = tcp_site._server
-            sockets = getattr(server, "sockets", None) or []
-            self.tcp_port = sockets[0].getsockname()[1] if sockets else self.tcp[1]
+            tcp = await loop.create_server(self._protocol, self.tcp[0], self.tcp[1], backlog=128)
+            self._listeners.append(tcp)
+            self.tcp_port = tcp.sockets[0].getsockname()[1] if tcp.sockets else self.tcp[1]
+
+    def _protocol(self) -> _GuardedHandler:
+        assert self._runner is not None and self._runner.server is not None
+        server = self._runner.server
+        # What web.Server() does for a new connection, with the guard in front.
+        return _GuardedHandler(server, self._guard, loop=server._loop, **server._kwargs)
 
     async def stop(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         if self._runner is not None:
             await self._runner.cleanup()
         # Only our own socket: never a file someone put there after we bound.
@@ -121,8 +355,13 @@ class ApiServer:
     @web.middleware
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
+        response.force_close()  # one request per connection: nothing idles on a kept-alive one
         self.daemon.metrics.api_requests.labels(request.method, str(response.status)).inc()
         return response
+
+    def _refused_connection(self, reason: str, detail: str) -> None:
+        self.daemon.metrics.api_rejected.labels(reason).inc()
+        self._throttle.warning("api_connection_refused", reason, detail=detail)
 
     def _authorised(self, request: web.Request) -> str | None:
         """None when the caller may change things, else the refusal reason."""
@@ -138,15 +377,28 @@ class ApiServer:
 
     def _refuse(self, reason: str, message: str, status: int = 400) -> web.Response:
         self.daemon.metrics.api_rejected.labels(reason).inc()
-        self.daemon.log.warning("api_request_rejected", reason=reason, detail=message)
+        self._throttle.warning("api_request_rejected", reason, detail=message[:300])
         return _error(status, reason, message)
 
     async def get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.daemon.status())
+        body = self.daemon.status()
+        body["state_record_problem"] = self.daemon.actuator.record_problem
+        return web.json_response(body)
 
     async def get_health(self, request: web.Request) -> web.Response:
-        health = self.daemon.health()
-        return web.json_response(health, status=200 if health["ok"] else 503)
+        last = self.daemon.last_tick_at
+        age = None if last is None else max(0.0, self.daemon.clock() - last)
+        ok = age is not None and age < max(5.0, 5 * self.daemon.period_s)
+        problem = self.daemon.actuator.record_problem
+        return web.json_response(
+            {
+                "ok": ok,
+                "last_tick_age_s": age,
+                "state_record_ok": problem is None,
+                "state_record_problem": problem,
+            },
+            status=200 if ok else 503,
+        )
 
     async def put_override(self, request: web.Request) -> web.Response:
         refused = self._authorised(request)
@@ -158,52 +410,45 @@ class ApiServer:
                 403 if refused == "forbidden" else 401,
             )
         try:
-            body = json.loads(await request.text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._refuse("bad_json", "the body is not JSON")
-        problem = self._check_override(body)
-        if problem is not None:
-            return self._refuse("bad_value", problem)
-        now = self.daemon.now()
-        ttl = body.get("ttl_s")
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(
+                "too_large", f"the body exceeds {self.limits.max_body_bytes} bytes", 413
+            )
+        try:
+            body = OverrideRequest.model_validate_json(raw)
+        except ValidationError as err:
+            kinds = {e["type"] for e in err.errors()}
+            reason = "bad_json" if kinds & {"json_invalid", "json_type"} else "bad_value"
+            return self._refuse(reason, _validation_message(err))
+        if body.ttl_s is None and self.max_override_ttl_s is not None:
+            return self._refuse(
+                "bad_value", "ttl_s is required (budget.max_override_ttl_s is configured)"
+            )
+        if (
+            body.ttl_s is not None
+            and self.max_override_ttl_s is not None
+            and body.ttl_s > self.max_override_ttl_s
+        ):
+            return self._refuse(
+                "bad_value",
+                f"ttl_s {body.ttl_s} exceeds budget.max_override_ttl_s {self.max_override_ttl_s}",
+            )
+        if _client_gone(request):
+            return self._refuse("client_gone", "the client closed the connection; not applied")
+        now = self.daemon.clock()
         entry = BudgetEntry(
-            watts=float(body["budget_w"]),
-            expires_at=None if ttl is None else now + float(ttl),
-            reason=str(body.get("reason") or "palsctl set-budget"),
+            watts=body.budget_w,
+            expires_at=None if body.ttl_s is None else now + body.ttl_s,
+            reason=body.reason or "palsctl set-budget",
             set_at=now,
             origin="local-api",
         )
         budget = self.daemon.set_override(entry)
-        self.daemon.log.info("budget_override_set", budget_w=entry.watts, ttl_s=ttl)
+        self.daemon.log.info("budget_override_set", budget_w=entry.watts, ttl_s=body.ttl_s)
         return web.json_response(
             {"budget": self.daemon.status()["budget"], "effective_w": budget.effective_w}
         )
-
-    def _check_override(self, body: Any) -> str | None:
-        if not isinstance(body, dict):
-            return "the body must be a JSON object"
-        unknown = set(body) - {"budget_w", "ttl_s", "reason"}
-        if unknown:
-            return f"unknown fields: {sorted(unknown)}; allowed: budget_w, ttl_s, reason"
-        watts = body.get("budget_w")
-        if isinstance(watts, bool) or not isinstance(watts, int | float):
-            return f"budget_w must be a number of watts, got {watts!r}"
-        if not math.isfinite(watts) or watts <= 0 or watts > 1_000_000:
-            return f"budget_w must be a finite number in (0, 1000000], got {watts!r}"
-        ttl = body.get("ttl_s")
-        if ttl is not None:
-            if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-                return f"ttl_s must be a number of seconds or null, got {ttl!r}"
-            if not math.isfinite(ttl) or ttl <= 0:
-                return f"ttl_s must be a positive, finite number of seconds, got {ttl!r}"
-            if self.max_override_ttl_s is not None and ttl > self.max_override_ttl_s:
-                return f"ttl_s {ttl} exceeds budget.max_override_ttl_s {self.max_override_ttl_s}"
-        elif self.max_override_ttl_s is not None:
-            return "ttl_s is required (budget.max_override_ttl_s is configured)"
-        reason = body.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
-            return "reason must be a string of at most 200 characters"
-        return None
 
     async def delete_override(self, request: web.Request) -> web.Response:
         refused = self._authorised(request)
@@ -213,6 +458,28 @@ class ApiServer:
                 "clearing the budget override needs authority",
                 403 if refused == "forbidden" else 401,
             )
+        if _client_gone(request):
+            return self._refuse("client_gone", "the client closed the connection; not applied")
         self.daemon.set_override(None)
         self.daemon.log.info("budget_override_cleared")
         return web.json_response({"budget": self.daemon.status()["budget"]})
+
+
+def _client_gone(request: web.Request) -> bool:
+    """True when the client has closed its end: a change it no longer waits for (it timed
+    out, or was queued behind a flood) must not be applied."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        # asyncio hands out a restricted socket object without recv(): peek through a dup.
+        with socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno())) as peek:
+            # The request is read; what is left on the socket is an EOF if the client closed.
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset by the peer (or no descriptor left to look with: do not apply)
