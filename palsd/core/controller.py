@@ -1,18 +1,27 @@
 """The joint controller: each GPU's power limit and each server's batch limit, from feedback.
 
 Rules of this file (everything that decides a limit lives here; safety.py has the last word):
-- Per server, a cap target moves on SLO headroom with a dead band: below `low_margin` it rises,
-  above `high_margin` for `patience_s` it is lowered in small steps (or straight down to the
-  measured draw plus a margin when the cap is not what holds the GPU back), and a violation
-  jumps it to the lowest cap the online model has seen safe at this load. A cap the model has
-  recently seen break the SLO at this load is not explored again (hysteresis).
-- The batch limit trades inter-token latency against queueing: it grows while requests wait and
-  ITL has room, and shrinks when ITL is over target and more power cannot be had (power-starved),
-  so latency degrades into queueing (TTFT) instead of every token slowing down.
-- When the targets do not fit the budget, the budget is split by urgency-weighted water-filling:
-  every GPU gets its minimum, the rest goes to the GPUs that need it in proportion to their need
-  times how short of their SLO their server is. Then fit_to_budget and limit_raise enforce the
-  hard rules. Below the sum of minimums the decision is infeasible: minimums and shed batches.
+- Objective: the most tokens per joule of host energy (PALS's P_host = 1.05 x sum(P_GPU) + a
+  fixed draw) subject to each server's SLO and the host budget. Each server's efficiency curve
+  (tokens/J against its cap, per load level) is learned online (learn.py); nothing is profiled
+  beforehand and nothing is told which GPU or model it runs.
+- Per server, the SLO comes first: a missed SLO raises the cap at once (to the lowest cap the
+  model has seen safe at this load, or by a large step); thin headroom raises it a step. Load
+  steps are met by feed-forward: when the queue or the concurrency jumps, the cap rises before
+  the latency quantiles (which lag by the measurement window) show it.
+- Otherwise the cap climbs the efficiency curve: a cap is judged only after it has held for a
+  whole measurement window (`dwell_s`); an unmeasured neighbour (one step down when headroom is
+  ample, one step up) is probed, a measured one that is better by `efficiency_eps` is moved to.
+  A cap well above the draw does not bind and is lowered to the draw plus a margin (free).
+  A cap the model recently saw break the SLO at this load is not probed again (hysteresis).
+- The batch limit grows while requests wait with ITL room, and shrinks when ITL is over target
+  and no watts can be had, or when the budget is still exceeded with every cap at its floor.
+  Shrink and grow share one hysteresis: a limit that had to be shrunk becomes a ceiling that
+  growth may not reach again for `batch_memory_s`, and growth under a binding budget needs the
+  drawn power to sit a band below the budget, so at a fixed infeasible budget the limit settles.
+- A server whose batch control is unavailable (`batch_limit is None`) is controlled by cap only.
+- When the targets do not fit the budget, the budget is split by urgency-weighted water-filling;
+  then fit_to_budget, limit_raise and the free-power rule enforce the hard rules.
 - Missing data holds: a stale server keeps its cap and batch limit, a GPU whose power read failed
   keeps its current limit (unless the budget forces it down). Nothing here raises on missing data.
 """
@@ -42,16 +51,27 @@ class JointParams:
     fixed_batch_limit: int | None = None  # None: the server's max_num_seqs (vLLM's default)
     initial_batch_limit: int | None = None  # None: start from what the server reports
     low_margin: float = 0.10  # SLO headroom below this: raise the cap
-    high_margin: float = 0.25  # headroom above this for patience_s: explore a lower cap
-    patience_s: float = 3.0
-    settle_s: float = 4.0  # after a change, wait this long before judging it (signal window)
-    react_s: float = 1.5  # minimum spacing of emergency raises
-    cap_step_down_w: float = 10.0
+    high_margin: float = 0.25  # headroom above this: a lower cap may be probed
+    dwell_s: float = 10.0  # a cap is judged after holding this long (the signal window)
+    settle_s: float = 5.0  # spacing of raises on thin headroom (half the window)
+    react_s: float = 3.0  # minimum spacing of emergency raises (the window lags a raise)
+    cap_step_w: float = 25.0  # efficiency probing step
     cap_step_up_w: float = 25.0
     danger_step_up_w: float = 75.0
     draw_margin_w: float = 40.0  # a cap this far above the draw does not bind
+    efficiency_eps: float = 0.01  # a neighbour must beat the current cap by this share
+    # Host power (PALS's IPMI fit, arXiv 2605.21427): 1.05 x sum(P_GPU) + host_fixed_w.
+    host_gpu_factor: float = 1.05
+    host_fixed_w: float = 345.0
+    # Feed-forward: concurrency (running + waiting) this much above where the cap was last set,
+    # or this many requests waiting, raises the cap before the latency window shows it.
+    ff_jump: float = 0.3
+    ff_gain: float = 1.0
+    ff_waiting: float = 8.0
     batch_step_frac: float = 0.25
     batch_settle_s: float = 3.0
+    batch_memory_s: float = 300.0  # a batch limit that had to shrink is a ceiling this long
+    batch_band_frac: float = 0.05  # growth at the floor needs drawn power this far below budget
     min_batch_limit: int = 1
     shed_batch_limit: int = 8  # batch limit ceiling while the budget is infeasible
     urgency_gain: float = 4.0  # how much an SLO shortfall weighs in the budget split
@@ -60,12 +80,12 @@ class JointParams:
     # load jumps, so limits that sum exactly to the budget let the drawn power poke above it.
     budget_guard_frac: float = 0.02
     # ... and the guard grows to what the host was recently seen to overshoot its limits by
-    # (sampled at ticks, so scaled up), remembered for excursion_memory_s; before anything has
-    # been seen (cold start) it is cold_guard_frac.
+    # (sampled at ticks, so scaled up), remembered for excursion_memory_s; for cold_s after
+    # start and after each budget change it is at least cold_guard_frac.
     excursion_gain: float = 2.0
     excursion_memory_s: float = 600.0
-    cold_guard_frac: float = 0.25  # at start and for cold_s after each budget change
-    cold_s: float = 60.0
+    cold_guard_frac: float = 0.05
+    cold_s: float = 20.0
     model: ModelParams = field(default_factory=ModelParams)
 
 
@@ -74,10 +94,14 @@ class _ServerState:
     model: ResponseModel
     cap_w: float | None = None  # per-GPU target before the budget split
     batch_limit: int | None = None
-    slack_since_s: float | None = None
     cap_changed_s: float = -math.inf
     batch_changed_s: float = -math.inf
     starved: bool = False  # wanted more watts than the budget split gave it last tick
+    first_seen_s: float = -math.inf
+    probed_up: bool = False  # the last change probed a higher cap: measure it before lowering
+    ref_load: float | None = None  # concurrency when the cap was last set (feed-forward)
+    batch_ceiling: int | None = None  # a limit that had to shrink: growth stays below it ...
+    ceiling_until_s: float = -math.inf  # ... until then
 
 
 def weighted_fill(
@@ -115,6 +139,7 @@ class JointController:
         self._excursions: list[tuple[float, float]] = []  # (now_s, host excursion W), recent
         self._cold_since_s: float | None = None
         self._last_budget_w: float | None = None
+        self._budget_for_ceilings: float | None = None
 
     def _guard_w(self, now_s: float, gpus: Sequence[GpuObservation], budget_w: float) -> float:
         """Watts to plan below the budget: room for the cap loop's overshoot, learned online."""
@@ -135,13 +160,16 @@ class JointController:
 
     # -- per-server steps -------------------------------------------------------------------
 
-    def _state(self, srv: ServerObservation, sg: Sequence[GpuObservation]) -> _ServerState:
+    def _state(
+        self, srv: ServerObservation, sg: Sequence[GpuObservation], now_s: float
+    ) -> _ServerState:
         st = self._servers.get(srv.name)
         if st is None:
             st = _ServerState(model=ResponseModel(self.params.model))
             self._servers[srv.name] = st
         if st.cap_w is None:
             st.cap_w = max(g.power_limit_w for g in sg)
+            st.first_seen_s = now_s  # nothing measured at this cap yet: a full window first
         if st.batch_limit is None:
             st.batch_limit = (
                 self.params.initial_batch_limit
@@ -152,6 +180,14 @@ class JointController:
             )
         return st
 
+    def _efficiency(
+        self, st: _ServerState, now_s: float, rps: float, cap_w: float, host_share_w: float
+    ) -> float | None:
+        p = self.params
+        return st.model.tokens_per_joule(
+            now_s, rps, cap_w, power_factor=p.host_gpu_factor, extra_w=host_share_w
+        )
+
     def _step_cap(
         self,
         now_s: float,
@@ -159,64 +195,157 @@ class JointController:
         st: _ServerState,
         h: Headroom,
         draw_w: float | None,
+        server_w: float | None,
         floor_w: float,
         ceiling_w: float,
+        host_share_w: float,
         reasons: list[str],
     ) -> None:
         p = self.params
         assert st.cap_w is not None and srv.signals is not None
+        sig = srv.signals
         cap = min(max(st.cap_w, floor_w), ceiling_w)
-        rps = srv.signals.requests_per_s
+        rps = sig.requests_per_s
         since = now_s - st.cap_changed_s
+        held = now_s - max(st.cap_changed_s, st.first_seen_s)  # measured at this cap this long
         worst = h.worst
-        if worst is not None and since >= p.settle_s and draw_w is not None:
-            st.model.observe(
-                now_s,
-                cap,
-                rps,
-                srv.signals.generation_tokens_per_s,
-                draw_w * len(srv.gpu_indices),
-                worst,
-            )
+        load = sig.running + sig.waiting
+        if worst is not None and held >= p.dwell_s and server_w is not None:
+            # The whole window was served at this cap: its tokens/s and power belong to it.
+            st.model.observe(now_s, cap, rps, sig.generation_tokens_per_s, server_w, worst)
+        elif worst is not None and worst < 0.0 and held >= p.react_s:
+            # A miss is evidence at once (pessimistic): this cap is not safe at this load.
+            st.model.note_unsafe(now_s, cap, rps)
+        batch_binds = (
+            p.control_batch
+            and srv.batch_limit is not None
+            and st.batch_limit is not None
+            and sig.running >= st.batch_limit - 1
+        )
         new = cap
         why = ""
-        if worst is None:
-            st.slack_since_s = None  # no samples (idle or just started): nothing to judge
-        elif worst < 0.0:
-            st.slack_since_s = None
+        ff_jump = st.ref_load is not None and load >= 4 and load > st.ref_load * (1.0 + p.ff_jump)
+        if worst is not None and worst < 0.0:
             if since >= p.react_s and cap < ceiling_w:
                 good = st.model.known_good_cap(now_s, rps, cap, p.low_margin)
                 new = max(cap + p.danger_step_up_w, good or 0.0)
                 why = f"SLO missed ({describe(h)})"
-        elif worst < p.low_margin:
-            st.slack_since_s = None
+        elif (
+            (ff_jump or (sig.waiting >= p.ff_waiting and not batch_binds))
+            and since >= p.react_s
+            and cap < ceiling_w
+        ):
+            # Feed-forward: the queue or the concurrency jumped; the latency quantiles will
+            # show it only once the window has filled, so raise now, in proportion.
+            ref = st.ref_load or load
+            rise = min(1.0, p.ff_gain * max(load / max(ref, 1.0) - 1.0, 0.0))
+            good = st.model.known_good_cap(now_s, rps, cap, p.high_margin)
+            new = max(cap + p.cap_step_up_w, cap + rise * (ceiling_w - cap), good or 0.0)
+            why = (
+                f"load step: {sig.running:.0f} running + {sig.waiting:.0f} waiting "
+                f"(was {ref:.0f}), feed-forward"
+            )
+        elif worst is not None and worst < p.low_margin:
             if since >= p.settle_s and cap < ceiling_w:
                 new = cap + p.cap_step_up_w
                 why = f"SLO headroom thin ({describe(h)})"
-        elif worst > p.high_margin:
-            if st.slack_since_s is None:
-                st.slack_since_s = now_s
-            if now_s - st.slack_since_s >= p.patience_s and since >= p.settle_s:
-                new = cap - p.cap_step_down_w
-                if draw_w is not None and draw_w + p.draw_margin_w < new:
-                    new = draw_w + p.draw_margin_w  # the cap does not bind: lowering is free
-                new = max(new, floor_w)
-                if new < cap and st.model.unsafe_at_or_below(now_s, rps, new, p.low_margin):
-                    new = cap
-                    reasons.append(
-                        f"{srv.name}: holding {cap:.0f} W; lower caps recently broke the SLO "
-                        "at this load"
-                    )
-                else:
-                    why = f"SLO headroom ample ({describe(h)}), exploring lower"
-        else:
-            st.slack_since_s = None  # inside the dead band: hold
+        elif worst is None:
+            pass  # no samples (idle or just started): nothing to judge
+        elif (
+            draw_w is not None
+            and worst > p.high_margin
+            and draw_w + p.draw_margin_w < cap - 0.5
+            and held >= (p.dwell_s if st.probed_up else p.settle_s)
+        ):
+            new = max(floor_w, draw_w + p.draw_margin_w)
+            why = f"cap does not bind (draw {draw_w:.0f} W): lowered to draw + margin"
+        elif held >= p.dwell_s:
+            new, why = self._climb(
+                now_s, srv.name, st, h, rps, cap, draw_w, floor_w, ceiling_w, host_share_w
+            )
+            if new == cap and why:
+                reasons.append(why)
+                why = ""
         new = min(max(new, floor_w), ceiling_w)
         if abs(new - cap) >= 0.5:
             reasons.append(f"{srv.name}: cap {cap:.0f} -> {new:.0f} W per GPU: {why}")
             st.cap_changed_s = now_s
-            st.slack_since_s = None
+            st.probed_up = why.startswith("probing a higher")
+            st.ref_load = load
+        elif st.ref_load is None or load < st.ref_load:
+            st.ref_load = load  # the reference follows the load down, not up
         st.cap_w = new
+
+    def _climb(
+        self,
+        now_s: float,
+        name: str,
+        st: _ServerState,
+        h: Headroom,
+        rps: float,
+        cap: float,
+        draw_w: float | None,
+        floor_w: float,
+        ceiling_w: float,
+        host_share_w: float,
+    ) -> tuple[float, str]:
+        """One step of the efficiency search at this load: probe an unmeasured neighbour, or
+        move to a measured one that is better; (cap, "") to stay."""
+        p = self.params
+        assert h.worst is not None
+        here = self._efficiency(st, now_s, rps, cap, host_share_w)
+        if here is None:
+            return cap, ""
+        down = max(floor_w, cap - p.cap_step_w)
+        up = min(ceiling_w, cap + p.cap_step_w)
+        may_down = (
+            down < cap - 0.5
+            and h.worst > p.high_margin
+            and not st.model.unsafe_at_or_below(now_s, rps, down, p.low_margin)
+        )
+        # Probing up only means something where the cap binds (the GPUs draw close to it).
+        binds = draw_w is None or draw_w >= cap - p.draw_margin_w
+        may_up = up > cap + 0.5 and not st.starved and binds
+        e_down = self._efficiency(st, now_s, rps, down, host_share_w) if may_down else None
+        e_up = self._efficiency(st, now_s, rps, up, host_share_w) if may_up else None
+        if may_down and e_down is None:
+            return down, f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)"
+        if may_up and e_up is None:
+            return up, f"probing a higher cap ({here:.2f} tokens/J here)"
+        best, best_e = cap, here
+        for c, e in ((down, e_down), (up, e_up)):
+            if e is not None and e > best_e * (1.0 + p.efficiency_eps):
+                best, best_e = c, e
+        if best != cap:
+            return best, f"more tokens/J there ({best_e:.2f} vs {here:.2f})"
+        if h.worst > p.high_margin and down < cap - 0.5 and not may_down:
+            return (
+                cap,
+                f"{name}: holding {cap:.0f} W; lower caps recently broke the SLO at this load",
+            )
+        return cap, ""
+
+    def _grow_room(self, st: _ServerState, now_s: float, old: int, max_seqs: int) -> int:
+        """The limit growth may reach: one step, below a recent ceiling."""
+        p = self.params
+        target = min(max_seqs, math.ceil(old * (1.0 + p.batch_step_frac)))
+        if st.batch_ceiling is not None and now_s < st.ceiling_until_s:
+            target = min(target, st.batch_ceiling - 1)
+        return max(target, old)
+
+    def _shrink(
+        self, st: _ServerState, now_s: float, old: int, new: int, for_budget: bool = False
+    ) -> None:
+        """Shrink the limit and make the old one a ceiling for growth: for batch_memory_s
+        after an ITL shrink, and for as long as the budget stays what it is after a budget
+        shed (a retry at the same budget would only be shed again: a limit cycle)."""
+        p = self.params
+        active = st.batch_ceiling is not None and now_s < st.ceiling_until_s
+        st.batch_ceiling = min(st.batch_ceiling or old, old) if active else old
+        until = math.inf if for_budget else now_s + p.batch_memory_s
+        st.ceiling_until_s = max(st.ceiling_until_s, until) if active else until
+        st.batch_limit = new
+        st.batch_changed_s = now_s
 
     def _step_batch(
         self,
@@ -226,6 +355,7 @@ class JointController:
         h: Headroom,
         at_ceiling: bool,
         max_seqs: int,
+        over_budget_at_floor: bool,
         reasons: list[str],
     ) -> None:
         p = self.params
@@ -234,8 +364,6 @@ class JointController:
             return
         sig = srv.signals
         old = st.batch_limit
-        new = old
-        why = ""
         power_starved = st.starved or at_ceiling
         if (
             h.itl is not None
@@ -245,14 +373,31 @@ class JointController:
         ):
             base = min(old, max(int(sig.running), 1))
             new = max(p.min_batch_limit, int(base * (1.0 - p.batch_step_frac)))
-            why = f"ITL over target with no watts to spare ({describe(h)})"
-        elif sig.waiting >= 1.0 and old < max_seqs and (h.itl is None or h.itl > p.low_margin):
-            new = min(max_seqs, math.ceil(old * (1.0 + p.batch_step_frac)))
-            why = f"{sig.waiting:.0f} waiting and ITL has room ({describe(h)})"
-        if new != old:
-            reasons.append(f"{srv.name}: batch limit {old} -> {new}: {why}")
-            st.batch_changed_s = now_s
-            st.batch_limit = new
+            if new < old:
+                self._shrink(st, now_s, old, new)
+                reasons.append(
+                    f"{srv.name}: batch limit {old} -> {new}: ITL over target with no watts to "
+                    f"spare ({describe(h)})"
+                )
+            return
+        if (
+            sig.waiting >= 1.0
+            and not over_budget_at_floor
+            and (h.itl is None or h.itl > p.low_margin)
+        ):
+            new = self._grow_room(st, now_s, old, max_seqs)
+            if new > old:
+                st.batch_limit = new
+                st.batch_changed_s = now_s
+                reasons.append(
+                    f"{srv.name}: batch limit {old} -> {new}: {sig.waiting:.0f} waiting and ITL "
+                    f"has room ({describe(h)})"
+                )
+            elif st.batch_ceiling is not None and now_s < st.ceiling_until_s:
+                reasons.append(
+                    f"{srv.name}: batch limit held at {old}: {st.batch_ceiling} had to shrink "
+                    f"{st.ceiling_until_s - now_s:.0f} s ago or less (hysteresis)"
+                )
 
     # -- the decision -----------------------------------------------------------------------
 
@@ -268,16 +413,40 @@ class JointController:
         owner: dict[str, list[int]] = {}
         stale: list[str] = []
         status: list[str] = []  # one line per server, after the lines that explain changes
+        host_share_w = p.host_fixed_w / max(len(obs.gpus), 1)
+        if budget_w != self._budget_for_ceilings:
+            # A new budget: ceilings that a budget shed left behind no longer apply.
+            self._budget_for_ceilings = budget_w
+            for st in self._servers.values():
+                if st.ceiling_until_s == math.inf:
+                    st.batch_ceiling, st.ceiling_until_s = None, -math.inf
+        sum_min = sum(g.min_limit_w for g in obs.gpus)
+        guard_w = 0.0
+        plan_w = budget_w
+        if budget_w is not None and p.control_caps:  # static caps (batch_only) stay as PALS's
+            guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
+            plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
+        # Averaged power (not instant spikes) above the budget with no room left above the
+        # floor: the caps cannot give more, only less work can.
+        at_floor = budget_w is not None and budget_w - guard_w < sum_min
+        drawn = sum(g.power_w if g.power_w is not None else drawn_power_w(g) for g in obs.gpus)
+        over_at_floor = at_floor and budget_w is not None and drawn > budget_w
+        near_at_floor = (
+            at_floor and budget_w is not None and drawn > budget_w * (1.0 - p.batch_band_frac)
+        )
         for srv in obs.servers:
             sg = [gpus[i] for i in srv.gpu_indices if i in gpus]
             if not sg:
                 continue
-            st = self._state(srv, sg)
+            st = self._state(srv, sg, obs.now_s)
             assert st.cap_w is not None and st.batch_limit is not None
             owner[srv.name] = [g.index for g in sg]
             floor_w = max(g.min_limit_w for g in sg)
             ceiling_w = min(g.default_limit_w for g in sg)
             max_seqs = max(srv.max_num_seqs or st.batch_limit, 1)
+            # Batch control unavailable (plugin missing, unauthorised, unreachable, not read
+            # yet): this server is controlled by its cap only and gets no batch limit.
+            cap_only = srv.batch_limit is None or not srv.batch_controllable
             shortfall = 0.0
             h_text = "signals stale"
             if srv.signals is None:
@@ -289,37 +458,56 @@ class JointController:
                 if p.control_caps:
                     draws = [g.power_w for g in sg if g.power_w is not None]
                     draw = max(draws) if draws else None
-                    self._step_cap(obs.now_s, srv, st, h, draw, floor_w, ceiling_w, reasons)
-                if p.control_batch:
+                    server_w = sum(draws) if len(draws) == len(sg) else None
+                    self._step_cap(
+                        obs.now_s,
+                        srv,
+                        st,
+                        h,
+                        draw,
+                        server_w,
+                        floor_w,
+                        ceiling_w,
+                        host_share_w * len(sg),
+                        reasons,
+                    )
+                if p.control_batch and not cap_only:
                     at_ceiling = st.cap_w >= ceiling_w - 0.5
-                    self._step_batch(obs.now_s, srv, st, h, at_ceiling, max_seqs, reasons)
+                    self._step_batch(
+                        obs.now_s, srv, st, h, at_ceiling, max_seqs, near_at_floor, reasons
+                    )
             if not p.control_caps:
                 st.cap_w = ceiling_w if static_cap is None else min(ceiling_w, static_cap)
             if not p.control_batch:
                 st.batch_limit = p.fixed_batch_limit or max_seqs
             st.batch_limit = min(max(st.batch_limit, 1), max_seqs)
-            batch[srv.name] = st.batch_limit
-            status.append(
-                f"{srv.name}: cap {st.cap_w:.0f} W, batch limit {st.batch_limit}, {h_text}"
-            )
+            if cap_only:
+                why_not = srv.batch_control_reason or (
+                    "limit not read yet" if srv.batch_controllable else srv.batch_control.value
+                )
+                status.append(
+                    f"{srv.name}: cap {st.cap_w:.0f} W, cap only (batch control {why_not}), "
+                    f"{h_text}"
+                )
+            else:
+                batch[srv.name] = st.batch_limit
+                status.append(
+                    f"{srv.name}: cap {st.cap_w:.0f} W, batch limit {st.batch_limit}, {h_text}"
+                )
             for g in sg:
-                # A failed power read holds this GPU's limit (the budget may still lower it).
-                held = g.power_w is None and p.control_caps
-                wants[g.index] = g.power_limit_w if held else st.cap_w
+                # A failed power read or stale signals hold this GPU's limit (the budget may
+                # still lower it).
+                hold = (g.power_w is None or srv.signals is None) and p.control_caps
+                wants[g.index] = g.power_limit_w if hold else st.cap_w
                 urgency[g.index] = 1.0 + p.urgency_gain * shortfall
         for g in obs.gpus:
             if g.index not in wants:  # a GPU no server uses: leave it where it is
                 wants[g.index] = g.power_limit_w
         if stale:
             reasons.append(f"stale signals, holding last decisions: {', '.join(stale)}")
+        if over_at_floor and p.control_batch and budget_w is not None:
+            self._shed_at_floor(obs, budget_w, drawn, batch, reasons)
 
-        plan_w = budget_w
-        if budget_w is not None and p.control_caps:  # static caps (batch_only) stay as PALS's
-            sum_min = sum(g.min_limit_w for g in obs.gpus)
-            guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
-            plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
-            if p.control_batch and budget_w - guard_w < sum_min:
-                self._shed_at_floor(obs, budget_w, batch, reasons)
         bound = plan_w is not None and sum(wants.values()) > plan_w + 1e-6
         targets = dict(wants)
         if bound and plan_w is not None:
@@ -341,14 +529,15 @@ class JointController:
 
         if fitted.infeasible:
             mode = "infeasible"
-            sum_min = sum(g.min_limit_w for g in obs.gpus)
             reasons.append(
                 f"budget {budget_w:.0f} W is below the sum of minimum limits {sum_min:.0f} W: "
                 f"every GPU at its minimum, batch limits shed to at most {p.shed_batch_limit}"
             )
             for name in batch:
                 st = self._servers[name]
-                st.batch_limit = max(1, min(batch[name], p.shed_batch_limit))
+                assert st.batch_limit is not None
+                if st.batch_limit > p.shed_batch_limit:
+                    self._shrink(st, obs.now_s, st.batch_limit, p.shed_batch_limit, for_budget=True)
                 batch[name] = st.batch_limit
         elif bound:
             mode = "budget-bound"
@@ -369,32 +558,33 @@ class JointController:
         )
 
     def _shed_at_floor(
-        self, obs: Observation, budget_w: float, batch: dict[str, int], reasons: list[str]
+        self,
+        obs: Observation,
+        budget_w: float,
+        drawn_w: float,
+        batch: dict[str, int],
+        reasons: list[str],
     ) -> None:
-        """The caps are at their floor and cannot keep the margin below the budget: if the
-        GPUs still draw above it (prefill bursts overshoot a minimum cap), less work is the
-        only knob left, so shrink the batch limits of the servers drawing the most."""
+        """The caps are at their floor and cannot keep the margin below the budget, and the
+        GPUs' 1 s averaged power is still above it (prefill bursts overshoot a minimum cap):
+        less work is the only knob left, so shrink every server's batch limit. The shrunk
+        limit becomes a ceiling for growth (one hysteresis with the grow rule)."""
         p = self.params
-        # The 1 s average, not instant readings: a 100 ms prefill spike is not worth shedding
-        # work for; a sustained excess is.
-        drawn = sum(g.power_w if g.power_w is not None else drawn_power_w(g) for g in obs.gpus)
-        if drawn <= budget_w:
-            return
         for srv in obs.servers:
             st = self._servers.get(srv.name)
             if st is None or st.batch_limit is None or srv.signals is None:
                 continue
-            if obs.now_s - st.batch_changed_s < p.react_s:
+            if srv.name not in batch or obs.now_s - st.batch_changed_s < p.react_s:
                 continue
-            base = min(st.batch_limit, max(int(srv.signals.running), 1))
+            old = st.batch_limit
+            base = min(old, max(int(srv.signals.running), 1))
             new = max(p.min_batch_limit, int(base * (1.0 - p.batch_step_frac)))
-            if new < st.batch_limit:
+            if new < old:
                 reasons.append(
-                    f"{srv.name}: batch limit {st.batch_limit} -> {new}: drawing "
-                    f"{drawn:.0f} W above the {budget_w:.0f} W budget with every cap at its floor"
+                    f"{srv.name}: batch limit {old} -> {new}: drawing {drawn_w:.0f} W above the "
+                    f"{budget_w:.0f} W budget with every cap at its floor"
                 )
-                st.batch_limit = new
-                st.batch_changed_s = obs.now_s
+                self._shrink(st, obs.now_s, old, new, for_budget=True)
                 batch[srv.name] = new
 
     def _note_allocation(

@@ -4,9 +4,11 @@ No offline profile is needed: each settled tick adds an observation (cap, load) 
 power, SLO headroom) to an exponentially weighted cell. Cells forget: one not refreshed within
 `memory_s` is ignored, because the load mix drifts and an old verdict must not block exploring
 forever. An optional seed profile pre-fills cells with a low weight so live data overrides it.
-The controller asks two questions of it: "is the cap below this one known to break the SLO at
-this load?" (so exploration does not walk into a known cliff twice: hysteresis), and "what is the
-lowest cap known to be safe above this one?" (so a revert jumps there instead of creeping).
+The controller asks three questions of it: "is the cap below this one known to break the SLO at
+this load?" (so exploration does not walk into a known cliff twice: hysteresis), "what is the
+lowest cap known to be safe above this one?" (so a revert jumps there instead of creeping), and
+"how many tokens per joule does this cap give at this load?" (the efficiency curve it climbs:
+only cells of the same load bucket are compared, since tokens/J rises with load by itself).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class _Cell:
 class ResponseModel:
     params: ModelParams = field(default_factory=ModelParams)
     cells: dict[tuple[int, int], _Cell] = field(default_factory=dict)
+    # (cap key, load key) -> when an SLO miss was last seen there (no clean measurement needed)
+    misses: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def cap_key(self, cap_w: float) -> int:
         return math.floor(cap_w / self.params.bucket_w)
@@ -82,6 +86,18 @@ class ResponseModel:
         cell.seen_s = now_s
         cell.samples += 1
 
+    def note_unsafe(self, now_s: float, cap_w: float, requests_per_s: float) -> None:
+        """An SLO miss seen at this cap and load, outside a clean measurement window."""
+        self.misses[(self.cap_key(cap_w), self.load_key(requests_per_s))] = now_s
+
+    def _missed(self, now_s: float, requests_per_s: float) -> set[int]:
+        load = self.load_key(requests_per_s)
+        return {
+            cap
+            for (cap, lk), seen in self.misses.items()
+            if abs(lk - load) <= 1 and now_s - seen <= self.params.memory_s
+        }
+
     def _live(self, now_s: float, requests_per_s: float) -> Mapping[int, _Cell]:
         load = self.load_key(requests_per_s)
         out: dict[int, _Cell] = {}
@@ -96,10 +112,13 @@ class ResponseModel:
     def unsafe_at_or_below(
         self, now_s: float, requests_per_s: float, cap_w: float, margin: float
     ) -> bool:
-        """True when some cap at or below `cap_w` recently left less than `margin` headroom."""
+        """True when `cap_w` is known to be unsafe at this load: a cap at or above it recently
+        missed the SLO or left less than `margin` headroom (a lower cap cannot do better)."""
         key = self.cap_key(cap_w)
+        if any(c >= key for c in self._missed(now_s, requests_per_s)):
+            return True
         return any(
-            c <= key and cell.headroom < margin
+            c >= key and cell.headroom < margin
             for c, cell in self._live(now_s, requests_per_s).items()
         )
 
@@ -108,15 +127,28 @@ class ResponseModel:
     ) -> float | None:
         """The lowest cap above `above_w` recently seen with at least `margin` headroom."""
         key = self.cap_key(above_w)
+        missed = self._missed(now_s, requests_per_s)
         good = [
             c
             for c, cell in self._live(now_s, requests_per_s).items()
-            if c > key and cell.headroom >= margin
+            if c > key and cell.headroom >= margin and not any(m >= c for m in missed)
         ]
         return (min(good) + 1) * self.params.bucket_w if good else None
 
-    def tokens_per_joule(self, now_s: float, requests_per_s: float, cap_w: float) -> float | None:
-        cell = self._live(now_s, requests_per_s).get(self.cap_key(cap_w))
-        if cell is None or cell.power_w <= 0:
+    def tokens_per_joule(
+        self,
+        now_s: float,
+        requests_per_s: float,
+        cap_w: float,
+        power_factor: float = 1.0,
+        extra_w: float = 0.0,
+    ) -> float | None:
+        """Tokens/J measured at this cap and this load bucket, with power counted as
+        power_factor x GPU power + extra_w (host power); None when not measured recently."""
+        cell = self.cells.get((self.cap_key(cap_w), self.load_key(requests_per_s)))
+        if cell is None or now_s - cell.seen_s > self.params.memory_s:
             return None
-        return cell.tokens_per_s / cell.power_w
+        watts = power_factor * cell.power_w + extra_w
+        if watts <= 0:
+            return None
+        return cell.tokens_per_s / watts

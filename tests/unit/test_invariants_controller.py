@@ -65,7 +65,11 @@ def check(obs_: Observation, ctrl: JointController) -> None:
         assert decision.infeasible and decision.mode == "infeasible"
         assert all(limits[g.index] == g.min_limit_w for g in obs_.gpus)
     for srv in obs_.servers:
-        assert 1 <= decision.batch_limits[srv.name] <= (srv.max_num_seqs or 10**9)
+        if srv.batch_limit is None or not srv.batch_controllable:
+            # cap only: batch control unavailable, so no batch limit is asked for
+            assert srv.name not in decision.batch_limits
+        else:
+            assert 1 <= decision.batch_limits[srv.name] <= (srv.max_num_seqs or 10**9)
     assert decision.reasons and decision.mode
 
 
