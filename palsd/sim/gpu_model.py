@@ -1,15 +1,29 @@
 """GPU presets and the per-GPU power / clock / telemetry state of the twin.
 
-Power model (all per GPU, watts):
-    busy:  P = idle(f) + mem_w * u_mem
-               + sm_w * (f / f_max)^3 * min(1, u_comp + sm_mem_share * u_mem)
-    idle:  P = idle(f_idle)
-    idle(f) = idle_base_w + idle_clock_w * (f / f_max)^3
-where u_mem and u_comp are the fractions of busy time spent moving bytes at full bandwidth and
-computing at full rate. The cube stands for f * V^2 with voltage rising with the clock.
-A power cap is enforced the way the firmware does it: by lowering the SM clock, with a settling
-time constant, never instantly. NVML-like telemetry: 100 ms bins, a 1 s moving average, an
-instant reading and an energy counter.
+Power model (per GPU, watts), fitted to read-only measurements on an H200 and checked against
+two H100s (docs/hardware.md, docs/twin.md):
+
+    P(f, B, R) = idle(f) + v(f)^2 * (flop_j * R + byte_core_j * B) + byte_mem_j * B
+    idle(f)    = idle_base_w + idle_clock_w * (f / f_max)^3
+    v(f)       = volt_floor_frac + (1 - volt_floor_frac) * f / f_max
+
+f is the SM clock, B the achieved HBM bytes/s, R the achieved bf16 tensor FLOP/s. Energy per
+FLOP and the on-chip (SM, L2, crossbar) part of the energy per byte scale with the square of
+the core voltage v(f); the HBM/PHY part of a byte costs the same at any SM clock. Power is
+linear in the rates, so a duty cycle (GPU idle at its clock between steps) averages exactly.
+
+Throughput: HBM bandwidth is clock-independent above `bw_knee_frac` of the max clock and falls
+linearly below it. Tensor FLOP/s combine a peak that scales with the clock and a ceiling that
+does not (operand feed from L2/HBM), as a p-norm: a large matrix product loses less than the
+clock does at high clocks (measured: 790 TFLOP/s at 1980 MHz, 663 at 1455) and scales with
+the clock at low ones. A step's time is the p-norm (p = 3) of its memory and compute times:
+neither hides the other completely.
+
+The power cap is the firmware's loop: every 100 ms it moves the clock toward the one at which
+the averaged power meets the limit (a measured H200 settles 0.6-1.3% under it), with a
+settling time constant, never instantly. NVML-like telemetry: 100 ms bins, a 1 s moving
+average, an instant reading and an energy counter. A GPU on which a process holds a CUDA
+context (vLLM always does) idles at its max clock: 121-132 W on an H100, 122 W on an H200.
 """
 
 from __future__ import annotations
@@ -20,6 +34,29 @@ from dataclasses import dataclass
 
 from palsd.core.types import GpuObservation
 
+OVERLAP_P = 3.0  # a step's time: (mem_s^p + comp_s^p)^(1/p); fitted on the H200 decode sweep
+
+
+def step_time_s(mem_s: float, comp_s: float) -> float:
+    """Time of a step that needs mem_s of HBM transfer and comp_s of tensor work."""
+    if mem_s <= 0.0 or comp_s <= 0.0:
+        return mem_s + comp_s
+    big, small = (mem_s, comp_s) if mem_s >= comp_s else (comp_s, mem_s)
+    r = small / big
+    return big * (1.0 + r * r * r) ** (1.0 / OVERLAP_P)
+
+
+@dataclass(frozen=True)
+class SteadyStep:
+    """One step repeated back to back under a power limit, after the cap loop has settled."""
+
+    power_w: float
+    sm_mhz: float
+    steps_per_s: float
+    capped: bool
+    hbm_bytes_per_s: float
+    flops_per_s: float
+
 
 @dataclass(frozen=True)
 class GpuSpec:
@@ -28,38 +65,133 @@ class GpuSpec:
     max_limit_w: float
     default_limit_w: float
     max_clock_mhz: float
-    idle_clock_mhz: float
+    idle_clock_mhz: float  # with no CUDA context; with one the GPU idles at max_clock_mhz
     hbm_bytes: float
-    mem_bw_bytes_per_s: float  # achievable (device-to-device copy), not the datasheet figure
-    flops_per_s: float  # achievable bf16 at max clock for the serving mix
+    mem_bw_bytes_per_s: float  # achievable weight-streaming read bandwidth, not the datasheet's
+    flops_peak_per_s: float  # tensor peak at the max clock (scales with the clock)
+    flops_ceiling_per_s: float  # what operand feed allows at any clock
     idle_base_w: float
     idle_clock_w: float
-    mem_w: float
-    sm_w: float
-    sm_mem_share: float  # SM activity while memory-bound, as a share of u_mem
+    flop_j: float  # energy of one bf16 tensor FLOP at the max clock's voltage
+    byte_core_j: float  # on-chip energy of one HBM byte (SM, L2, crossbar) at max voltage
+    byte_mem_j: float  # HBM and PHY energy of one byte: independent of the SM clock
+    volt_floor_frac: float  # v(f) / v(f_max) = a + (1 - a) f / f_max
     bw_knee_frac: float  # below this fraction of max clock the SMs cannot saturate HBM
     nvlink_bytes_per_s: float
     settle_tau_s: float = 0.15  # time constant of the power-cap clock controller
+    cap_target_frac: float = 0.99  # the cap loop holds the average this far under the limit
 
     def idle_w(self, clock_mhz: float) -> float:
         return self.idle_base_w + self.idle_clock_w * (clock_mhz / self.max_clock_mhz) ** 3
+
+    def volt_frac(self, clock_mhz: float) -> float:
+        a = self.volt_floor_frac
+        return a + (1.0 - a) * clock_mhz / self.max_clock_mhz
 
     def bw_at(self, clock_mhz: float) -> float:
         frac = clock_mhz / self.max_clock_mhz
         return self.mem_bw_bytes_per_s * min(1.0, frac / self.bw_knee_frac)
 
+    @property
+    def flops_per_s(self) -> float:
+        """Achievable dense bf16 FLOP/s at the max clock."""
+        return self.flops_at(self.max_clock_mhz)
+
     def flops_at(self, clock_mhz: float) -> float:
-        return self.flops_per_s * clock_mhz / self.max_clock_mhz
+        peak = self.flops_peak_per_s * clock_mhz / self.max_clock_mhz
+        return 1.0 / step_time_s(1.0 / peak, 1.0 / self.flops_ceiling_per_s)
+
+    def power_w(self, clock_mhz: float, bytes_per_s: float, flops_per_s: float) -> float:
+        """Average power at `clock_mhz` while moving bytes_per_s and doing flops_per_s."""
+        v = self.volt_frac(clock_mhz)
+        return (
+            self.idle_w(clock_mhz)
+            + v * v * (self.flop_j * flops_per_s + self.byte_core_j * bytes_per_s)
+            + self.byte_mem_j * bytes_per_s
+        )
 
     def busy_power_w(self, clock_mhz: float, u_mem: float, u_comp: float) -> float:
-        cube = (clock_mhz / self.max_clock_mhz) ** 3
-        sm_activity = min(1.0, u_comp + self.sm_mem_share * u_mem)
-        return self.idle_w(clock_mhz) + self.mem_w * u_mem + self.sm_w * cube * sm_activity
+        """Power with u_mem of the clock's bandwidth and u_comp of its FLOP/s in use."""
+        return self.power_w(
+            clock_mhz, u_mem * self.bw_at(clock_mhz), u_comp * self.flops_at(clock_mhz)
+        )
+
+    def clock_for_power_mhz(self, target_w: float, bytes_per_s: float, flops_per_s: float) -> float:
+        """The clock at which power with these rates equals target_w (rates held fixed),
+        within [idle clock, max clock]."""
+        lo, hi = self.idle_clock_mhz, self.max_clock_mhz
+        if self.power_w(hi, bytes_per_s, flops_per_s) <= target_w:
+            return hi
+        if self.power_w(lo, bytes_per_s, flops_per_s) >= target_w:
+            return lo
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            if self.power_w(mid, bytes_per_s, flops_per_s) <= target_w:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def steady_step(self, bytes_: float, flops: float, limit_w: float) -> SteadyStep:
+        """A step reading `bytes_` from HBM and doing `flops` bf16 tensor FLOPs, repeated back
+        to back under `limit_w`: the clock the cap loop settles at and what it gives."""
+        if bytes_ < 0 or flops < 0 or bytes_ + flops <= 0:
+            raise ValueError("a step needs bytes >= 0 and flops >= 0, not both zero")
+
+        def at(f: float) -> tuple[float, float, float, float]:
+            t = step_time_s(bytes_ / self.bw_at(f), flops / self.flops_at(f))
+            b, r = bytes_ / t, flops / t
+            return self.power_w(f, b, r), 1.0 / t, b, r
+
+        target = limit_w * self.cap_target_frac
+        f = self.max_clock_mhz
+        p, sps, b, r = at(f)
+        capped = p > target
+        if capped:
+            lo, hi = self.idle_clock_mhz, f
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                if at(mid)[0] <= target:
+                    lo = mid
+                else:
+                    hi = mid
+            f = lo
+            p, sps, b, r = at(f)
+        return SteadyStep(p, f, sps, capped, b, r)
 
 
-# H100 SXM5 80GB: limits and idle from NVML on a real H100 and public nvidia-smi dumps; HBM3
-# 3.35 TB/s datasheet, ~3.0 TB/s measured copy; ~790 TFLOP/s measured bf16 GEMM, derated to
-# 700 for the serving mix. idle(345 MHz) = 75 W, idle(1980 MHz) = 121 W.
+# H200 SXM 141GB, measured read-only on a lent H200 (docs/hardware/run3_h200, 2026-11-30):
+# NVML limits 200..700 W (default 700); idle 77 W at 345 MHz with no context, 122 W at
+# 1980 MHz with one; a CUDA-graphed weight-streaming GEMV reads 4.0 TB/s (datasheet 4.8);
+# bf16 GEMM 790 TFLOP/s at 1980 MHz (KINDS.md) and 663 at the 1455 MHz the 700 W cap held,
+# which a 1027 TFLOP/s clock-scaled peak (datasheet 989) under a 967 TFLOP/s feed ceiling
+# gives. Energy terms least-squares fitted to the 19 steady points of that run.
+H200 = GpuSpec(
+    name="NVIDIA H200",
+    min_limit_w=200.0,
+    max_limit_w=700.0,
+    default_limit_w=700.0,
+    max_clock_mhz=1980.0,
+    idle_clock_mhz=345.0,
+    hbm_bytes=141e9,
+    mem_bw_bytes_per_s=4.0e12,
+    flops_peak_per_s=1027e12,
+    flops_ceiling_per_s=967e12,
+    idle_base_w=77.16,
+    idle_clock_w=44.84,
+    flop_j=1.02e-12,
+    byte_core_j=87.5e-12,
+    byte_mem_j=34.7e-12,
+    volt_floor_frac=0.5,
+    bw_knee_frac=0.55,
+    nvlink_bytes_per_s=450e9,
+)
+
+# H100 SXM5 80GB: the H200's GH100 die with 80 GB of HBM3 (3.35 TB/s datasheet; weight streaming
+# at the H200's 83% of datasheet gives 2.8, a copy ~3.0 measured: 2.9 taken). Limits and idle
+# from NVML on two real H100s (docs/hardware.md): 75 W at 345 MHz, 121 W at 1980 MHz (a second
+# card read 129-132 W). Energy terms are the H200's: with them the model reproduces both H100
+# runs' decode and matmul points (docs/twin.md).
 H100 = GpuSpec(
     name="NVIDIA H100 80GB HBM3",
     min_limit_w=200.0,
@@ -68,19 +200,24 @@ H100 = GpuSpec(
     max_clock_mhz=1980.0,
     idle_clock_mhz=345.0,
     hbm_bytes=80e9,
-    mem_bw_bytes_per_s=3.0e12,
-    flops_per_s=700e12,
+    mem_bw_bytes_per_s=2.9e12,
+    flops_peak_per_s=1027e12,
+    flops_ceiling_per_s=967e12,
     idle_base_w=74.75,
     idle_clock_w=46.25,
-    mem_w=60.0,
-    sm_w=480.0,
-    sm_mem_share=0.15,
-    bw_knee_frac=0.7,
+    flop_j=1.02e-12,
+    byte_core_j=87.5e-12,
+    byte_mem_j=34.7e-12,
+    volt_floor_frac=0.5,
+    bw_knee_frac=0.55,
     nvlink_bytes_per_s=450e9,
 )
 
-# A100 SXM4 80GB: 100..400 W, idle 52-68 W (public nvidia-smi dumps); 2.04 TB/s datasheet,
-# ~1.8 TB/s achievable; 312 TFLOP/s peak bf16, ~250 achievable in serving.
+# A100 SXM4 80GB: 100..400 W, idle 52-68 W with no context (public nvidia-smi dumps); 2.04 TB/s
+# datasheet, 1.7 TB/s weight streaming at Hopper's 83%; 312 TFLOP/s peak bf16, ~250 achievable
+# at 1410 MHz. Not measured here: energy per FLOP and per byte are taken from the H200 fit
+# (7 nm vs 4N makes the A100's per-FLOP energy higher, its lower voltage range lower; no
+# measurement to separate them), so its figures are assumptions, stated in docs/twin.md.
 A100 = GpuSpec(
     name="NVIDIA A100-SXM4-80GB",
     min_limit_w=100.0,
@@ -89,18 +226,20 @@ A100 = GpuSpec(
     max_clock_mhz=1410.0,
     idle_clock_mhz=210.0,
     hbm_bytes=80e9,
-    mem_bw_bytes_per_s=1.8e12,
-    flops_per_s=250e12,
+    mem_bw_bytes_per_s=1.7e12,
+    flops_peak_per_s=325e12,
+    flops_ceiling_per_s=306e12,
     idle_base_w=55.0,
     idle_clock_w=30.0,
-    mem_w=50.0,
-    sm_w=270.0,
-    sm_mem_share=0.15,
-    bw_knee_frac=0.7,
+    flop_j=1.02e-12,
+    byte_core_j=87.5e-12,
+    byte_mem_j=34.7e-12,
+    volt_floor_frac=0.5,
+    bw_knee_frac=0.55,
     nvlink_bytes_per_s=250e9,
 )
 
-GPU_PRESETS: dict[str, GpuSpec] = {"h100": H100, "a100": A100}
+GPU_PRESETS: dict[str, GpuSpec] = {"h100": H100, "h200": H200, "a100": A100}
 
 IDLE_HOLD_S = 0.5  # a GPU keeps its clock this long after its last work before dropping it
 BIN_S = 0.1  # NVML updates its averaged reading every 100 ms ...
@@ -116,13 +255,14 @@ class GpuState:
         self.uuid = f"GPU-5151d000-0000-4000-8000-{index:012d}"
         self.power_limit_w = spec.default_limit_w
         self.clock_mhz = spec.max_clock_mhz  # the busy clock the cap controller holds
-        self.current_clock_mhz = spec.idle_clock_mhz  # what NVML would report right now
-        self.power_instant_w = spec.idle_w(spec.idle_clock_mhz)
+        # vLLM holds a CUDA context: an idle GPU keeps its max clock (measured, H100 and H200)
+        self.current_clock_mhz = spec.max_clock_mhz  # what NVML would report right now
+        self.power_instant_w = spec.idle_w(spec.max_clock_mhz)
         self.energy_j = 0.0
         self._bins: deque[float] = deque([self.power_instant_w] * AVG_BINS, maxlen=AVG_BINS)
         self._bin_energy_j = 0.0
         self._bin_elapsed_s = 0.0
-        self._idle_run_s = IDLE_HOLD_S  # starts idle, clock already down
+        self._idle_run_s = IDLE_HOLD_S  # starts idle
 
     @property
     def power_avg_w(self) -> float:
@@ -141,21 +281,26 @@ class GpuState:
     def account(
         self, dt_s: float, busy_s: float, u_mem: float, u_comp: float, clock_mhz: float
     ) -> None:
-        """Charge dt_s of operation: busy_s of it at `clock_mhz` with the given utilisations."""
+        """Charge dt_s of operation: busy_s of it at `clock_mhz` with the given utilisations
+        (u_mem of the clock's HBM bandwidth, u_comp of its tensor FLOP/s)."""
         spec = self.spec
         idle_s = max(0.0, dt_s - busy_s)
-        p_busy = spec.busy_power_w(clock_mhz, u_mem, u_comp) if busy_s > 0 else 0.0
-        # gaps between iterations cost idle power at the working clock; only a GPU idle for
-        # IDLE_HOLD_S drops to its idle clock (75 W on an H100 instead of ~121 W)
-        self._idle_run_s = 0.0 if busy_s > 0 else self._idle_run_s + dt_s
+        busy = busy_s > 0
+        bytes_per_s = u_mem * spec.bw_at(clock_mhz) if busy else 0.0
+        flops_per_s = u_comp * spec.flops_at(clock_mhz) if busy else 0.0
+        p_busy = spec.power_w(clock_mhz, bytes_per_s, flops_per_s) if busy else 0.0
+        # gaps between iterations cost idle power at the working clock; a GPU idle for
+        # IDLE_HOLD_S is back at its context-idle clock (the max clock: 121 W on an H100)
+        self._idle_run_s = 0.0 if busy else self._idle_run_s + dt_s
         held = self._idle_run_s < IDLE_HOLD_S
-        idle_clock = clock_mhz if held else spec.idle_clock_mhz
+        idle_clock = clock_mhz if held else spec.max_clock_mhz
         energy = p_busy * busy_s + spec.idle_w(idle_clock) * idle_s
         self.energy_j += energy
         self.power_instant_w = energy / dt_s
-        self.current_clock_mhz = idle_clock if busy_s <= 0 else clock_mhz
+        self.current_clock_mhz = clock_mhz if busy or held else spec.max_clock_mhz
         self._feed_bins(energy / dt_s, dt_s)
-        self._regulate(dt_s, p_busy if busy_s > 0 else None)
+        duty = min(1.0, busy_s / dt_s) if busy else 0.0
+        self._regulate(dt_s, energy / dt_s, bytes_per_s * duty, flops_per_s * duty)
 
     def _feed_bins(self, power_w: float, dt_s: float) -> None:
         while dt_s > 1e-12:
@@ -168,19 +313,18 @@ class GpuState:
                 self._bin_energy_j = 0.0
                 self._bin_elapsed_s = 0.0
 
-    def _regulate(self, dt_s: float, p_busy_w: float | None) -> None:
-        # The firmware's cap loop: steer the clock so busy power meets the limit. Static power
-        # does not scale with the clock, so the dynamic part is estimated before the cube root.
+    def _regulate(
+        self, dt_s: float, power_w: float, bytes_per_s: float, flops_per_s: float
+    ) -> None:
+        """The firmware's cap loop: steer the clock toward the one at which the averaged power,
+        at this quantum's work rates, meets the limit. Power is linear in the rates, so the
+        gaps between steps are accounted for by passing duty-averaged rates."""
         spec = self.spec
         f = self.clock_mhz
-        if p_busy_w is None:
-            goal = spec.max_clock_mhz
-        else:
-            static = spec.idle_base_w
-            ratio = max(0.05, (self.power_limit_w - static) / max(1.0, p_busy_w - static))
-            goal = f * ratio ** (1.0 / 2.5)
-        floor = 0.2 * spec.max_clock_mhz
-        goal = min(spec.max_clock_mhz, max(floor, goal))
+        target = self.power_limit_w * spec.cap_target_frac
+        if power_w <= target and f >= spec.max_clock_mhz:
+            return  # the usual case with headroom: nothing to steer
+        goal = _solve_clock_mhz(spec, target, bytes_per_s, flops_per_s, f)
         self.clock_mhz = f + (goal - f) * (1.0 - math.exp(-dt_s / spec.settle_tau_s))
 
     def observation(self) -> GpuObservation:
@@ -199,3 +343,23 @@ class GpuState:
             default_limit_w=spec.default_limit_w,
             sm_clock_mhz=round(self.current_clock_mhz, 1),
         )
+
+
+def _solve_clock_mhz(
+    spec: GpuSpec, target_w: float, bytes_per_s: float, flops_per_s: float, start_mhz: float
+) -> float:
+    """Newton's method on P(x) = base + c x^3 + (a + (1 - a) x)^2 K1 + K2, x = f / f_max, with
+    the rates held: a few steps suffice (P is convex and increasing) and keep the loop cheap."""
+    fmax = spec.max_clock_mhz
+    a = spec.volt_floor_frac
+    k1 = spec.flop_j * flops_per_s + spec.byte_core_j * bytes_per_s
+    rest = spec.idle_base_w + spec.byte_mem_j * bytes_per_s - target_w
+    c = spec.idle_clock_w
+    x_lo = spec.idle_clock_mhz / fmax
+    x = min(1.0, max(x_lo, start_mhz / fmax))
+    for _ in range(4):
+        v = a + (1.0 - a) * x
+        g = rest + c * x * x * x + v * v * k1
+        dg = 3.0 * c * x * x + 2.0 * (1.0 - a) * v * k1
+        x = min(1.0, max(x_lo, x - g / dg))
+    return x * fmax

@@ -3,9 +3,14 @@
 An iteration processes `tokens` tokens (one per decoding sequence plus a prefill chunk). Per GPU
 of the group it reads the weights it needs (for an MoE only the experts the batch touches:
 E * (1 - (1 - k/E)^B) per layer for B tokens), reads the KV cache of every context it attends
-over, and does 2 * active_params FLOPs per token plus attention. Time is the larger of bytes over
-bandwidth and FLOPs over compute at the current clock, plus a fixed per-iteration overhead
-(scheduler, sampling, launches) and the tensor-parallel all-reduces.
+over, and does 2 * active_params FLOPs per token plus attention. GPU time combines bytes over
+bandwidth and FLOPs over compute at the current clock (gpu_model.step_time_s, fitted on a
+measured H200), plus a fixed per-iteration overhead and the tensor-parallel all-reduces.
+
+The overhead is why real vLLM decode draws far less than a saturated weight-streaming loop
+(612 W on an H200 at batch 1, docs/hardware.md): between two iterations the host schedules,
+samples and detokenises, and inside one the small kernels (norms, rotary, KV writes, routing,
+sampling) barely touch HBM. The GPU sits near idle power at its clock for that time.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from palsd.sim.gpu_model import GpuSpec
+from palsd.sim.gpu_model import GpuSpec, step_time_s
 
 BYTES_PER_PARAM = 2  # bf16
 
@@ -113,8 +118,9 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     "dense-8b": DENSE_8B,
 }
 
-# Fixed host-side cost of one vLLM iteration (schedule, sample, detokenise, launch CUDA graphs)
-# and its growth with the number of sequences; plus one NCCL all-reduce latency.
+# Fixed cost of one vLLM iteration in which HBM is idle: host-side scheduling, sampling and
+# detokenising between graph launches plus the small kernels inside one, and its growth with
+# the number of sequences; plus one NCCL all-reduce latency.
 ITER_OVERHEAD_S = 2.0e-3
 PER_SEQ_OVERHEAD_S = 6e-6
 ALLREDUCE_LATENCY_S = 8e-6
@@ -128,7 +134,7 @@ class IterationCost:
 
     @property
     def time_s(self) -> float:
-        return max(self.mem_s, self.comp_s) + self.overhead_s
+        return step_time_s(self.mem_s, self.comp_s) + self.overhead_s
 
 
 def iteration_cost(
@@ -222,4 +228,4 @@ class CostModel:
             + self._ar_fixed
             + self._ar_tok * tokens
         )
-        return (mem if mem > comp else comp) + overhead, mem, comp
+        return step_time_s(mem, comp) + overhead, mem, comp
