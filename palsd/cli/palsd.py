@@ -15,8 +15,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("palsd.runtime.demo", "start a simulated host and palsd, and show live status"),
     "sim-host": ("palsd.sim.host_cli", "run a simulated GPU host with vLLM-like servers"),
     "simulate": ("palsd.sim.simulate_cli", "compare policies on the twin in virtual time"),
+    "twin": ("palsd.sim.twin_cli", "the twin's physics: `twin step` (one step under a limit)"),
     "probe-vllm": ("palsd.sense.probe_cli", "scrape a vLLM server twice and print its signals"),
     "restore": ("palsd.act.restore_cli", "put back the power and batch limits palsd changed"),
+    "sign-budget": ("palsd.feed.sign_cli", "print a signed MQTT budget or price message"),
 }
 
 
