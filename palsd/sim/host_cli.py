@@ -27,6 +27,7 @@ from palsd.sim.engine import NOMINAL_RATE_PER_S, TwinHost
 from palsd.sim.gpu_model import GPU_PRESETS
 from palsd.sim.models import MODEL_PRESETS
 from palsd.sim.workload import BurstyWorkload, PoissonWorkload, VaryingWorkload, Workload
+from palsd.vllm_plugin.contract import ContractError, parse_limit
 
 TICK_S = 0.05
 MAX_CATCH_UP_S = 5.0  # after a stall, do not replay more than this many real seconds at once
@@ -187,15 +188,18 @@ def build_app(host: TwinHost, base_url: list[str]) -> web.Application:
 
     @routes.put("/vllm/{k}/pals/v1/batch-limit")
     async def put_batch(request: web.Request) -> web.Response:
+        # The plugin's own validation, so statuses and error bodies are the plugin's. The sim
+        # host plays a plugin started with PALSD_PLUGIN_OPEN=1: no token.
         k = server_index(request)
-        body = await _json_body(request)
-        if body is None:
-            return _error(400, 'body must be a JSON object like {"limit": 64}')
-        limit = body.get("limit")
         try:
-            host.set_batch_limit(k, limit)  # type: ignore[arg-type]  # validated inside
-        except ValueError as err:
-            return _error(422, str(err))
+            try:
+                body = json.loads(await request.read() or b"null")
+            except ValueError as err:
+                raise ContractError(400, f"body is not JSON: {err}") from err
+            limit = parse_limit(body, host.batch_state(k)["max_num_seqs"])
+        except ContractError as err:
+            return _error(err.status, err.reason)
+        host.set_batch_limit(k, limit)
         return web.json_response(host.batch_state(k))
 
     app = web.Application()

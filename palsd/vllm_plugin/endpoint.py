@@ -1,9 +1,13 @@
 """API-server half of the plugin: GET/PUT /pals/v1/batch-limit on vLLM's FastAPI app,
 forwarded to the engine-core methods of engine.py through utility calls. Imported only
-inside vLLM's API-server process (it imports FastAPI)."""
+inside vLLM's API-server process (it imports FastAPI).
+
+At start it decides who may call (contract.decide_access: secure by default), asks the
+engines once, and says both in one line of vLLM's log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from argparse import Namespace
@@ -16,16 +20,21 @@ from palsd.vllm_plugin.contract import (
     ENDPOINT_PLUGIN,
     GENERAL_PLUGIN,
     GET_METHOD,
+    MIN_VLLM,
     PATH,
     SET_METHOD,
+    Access,
     ContractError,
-    check_token,
+    check_access,
     combine,
-    load_token,
+    decide_access,
     parse_limit,
 )
 
-log = logging.getLogger("palsd.vllm_plugin")
+# Under "vllm." so the lines land in vLLM's own log, with its format and level.
+log = logging.getLogger("vllm.palsd_batch_limit")
+# The start-up question to the engines; a slow start must not hold vLLM up for longer.
+PROBE_TIMEOUT_S = 60.0
 
 
 class _Engines:
@@ -47,7 +56,7 @@ class _Engines:
                 raise ContractError(
                     501,
                     "this vLLM's engine client has no utility calls; "
-                    "palsd's batch limit needs vLLM >= 0.32",
+                    f"palsd's batch limit needs vLLM >= {MIN_VLLM}",
                 )
         except ContractError:
             raise
@@ -79,8 +88,7 @@ class BatchLimitEndpoint:
 
     def __init__(self) -> None:
         self._engines: _Engines | None = None
-        self._token: str | None = None
-        self._token_error: str | None = None
+        self._access = Access(refused="the endpoint is not initialised yet", refused_status=503)
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter()
@@ -90,22 +98,31 @@ class BatchLimitEndpoint:
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         self._engines = _Engines(engine_client) if engine_client is not None else None
+        self._access = decide_access(api_keys=getattr(args, "api_key", None))
+        engines, engines_ok = await self._probe()
+        line = f"palsd batch-limit endpoint at {PATH}: {self._access.describe()}; {engines}"
+        if self._access.refused is not None:
+            log.error(line)
+        elif self._access.open or not engines_ok:
+            log.warning(line)
+        else:
+            log.info(line)
+
+    async def _probe(self) -> tuple[str, bool]:
+        """One question to the engines at start, so a missing engine half or a vLLM without
+        the scheduler hook is said when vLLM starts, not at palsd's first call."""
+        if self._engines is None:
+            return "no engine behind this API server", False
         try:
-            self._token = load_token()
-        except (OSError, ValueError) as e:
-            # Fail closed: a token that was meant to be there but cannot be read locks the door.
-            self._token_error = f"cannot read the plugin token: {e}"
-            log.error("palsd batch-limit endpoint: %s; every call will be refused", e)
-        log.info(
-            "palsd batch-limit endpoint at %s (token %s)",
-            PATH,
-            "required" if self._token or self._token_error else "not required",
-        )
+            state = await asyncio.wait_for(self._engines.call(GET_METHOD), PROBE_TIMEOUT_S)
+        except ContractError as e:
+            return f"engines unusable, calls will answer {e.status}: {e.reason}", False
+        except TimeoutError:
+            return f"engines did not answer within {PROBE_TIMEOUT_S:g} s", False
+        return f"limit {state['limit']} of max_num_seqs {state['max_num_seqs']}", True
 
     def _guard(self, request: Request) -> _Engines:
-        if self._token_error is not None:
-            raise ContractError(503, self._token_error)
-        check_token(self._token, request.headers.get("authorization"))
+        check_access(self._access, request.headers.get("authorization"))
         if self._engines is None:
             raise ContractError(503, "no engine behind this API server")
         return self._engines

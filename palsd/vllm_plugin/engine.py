@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from palsd.vllm_plugin.contract import GET_METHOD, SET_METHOD
+from palsd.vllm_plugin.contract import GET_METHOD, MIN_VLLM, SET_METHOD
 
-log = logging.getLogger("palsd.vllm_plugin")
+# Under "vllm." so the lines land in vLLM's own log, with its format and level.
+log = logging.getLogger("vllm.palsd_batch_limit")
 
-# Scheduler attributes the limit needs (vLLM >= 0.32, V1 engine).
+# Scheduler attributes the limit needs (vLLM >= 0.31, V1 engine).
 REQUIRED = ("max_num_running_reqs", "max_num_active_reqs", "running", "waiting")
 
 
@@ -19,8 +20,8 @@ def _scheduler(core: Any) -> Any:
     missing = [a for a in REQUIRED if not hasattr(sched, a)]
     if missing:
         raise RuntimeError(
-            f"this vLLM's scheduler lacks {missing}: palsd's batch limit needs vLLM >= 0.32 "
-            "(V1 engine, Scheduler.max_num_active_reqs)"
+            f"this vLLM's scheduler lacks {missing}: palsd's batch limit needs vLLM >= "
+            f"{MIN_VLLM} (V1 engine, Scheduler.max_num_active_reqs)"
         )
     return sched
 
@@ -60,8 +61,9 @@ def install() -> bool:
     except ImportError as e:
         log.error(
             "palsd batch-limit plugin: no vllm.v1.engine.core.EngineCore (%s); "
-            "palsd needs vLLM >= 0.32",
+            "palsd's batch limit needs vLLM >= %s",
             e,
+            MIN_VLLM,
         )
         return False
     setattr(EngineCore, GET_METHOD, get_batch_limit)

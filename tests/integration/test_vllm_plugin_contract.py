@@ -1,5 +1,5 @@
-"""The plugin's contract code on its own (no vLLM needed): PUT validation, token checks,
-the token's sources, and how data-parallel engines' answers combine."""
+"""The plugin's contract code on its own (no vLLM needed): PUT validation, who may call (secure
+by default), the token's sources, and how data-parallel engines' answers combine."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from typing import Any
 import pytest
 
 from palsd.vllm_plugin.contract import (
+    API_KEY_ENV,
+    OPEN_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
+    Access,
     ContractError,
+    check_access,
     check_token,
     combine,
+    decide_access,
     load_token,
     parse_limit,
 )
@@ -54,6 +59,82 @@ def test_token_is_checked_only_when_configured() -> None:
         with pytest.raises(ContractError) as err:
             check_token("s3cret", header)
         assert err.value.status == 401
+
+
+def test_any_of_several_tokens_is_accepted() -> None:
+    check_token(("key-a", "key-b"), "Bearer key-b")
+    with pytest.raises(ContractError):
+        check_token(("key-a", "key-b"), "Bearer key-c")
+
+
+def _refusal(access: Access, authorization: str | None) -> int | None:
+    try:
+        check_access(access, authorization)
+    except ContractError as e:
+        return e.status
+    return None
+
+
+@pytest.mark.parametrize(
+    ("env", "api_keys", "tokens", "source"),
+    [
+        ({TOKEN_ENV: "palsd-tok"}, None, ("palsd-tok",), TOKEN_ENV),
+        # palsd's own token wins over vLLM's key and over an open flag
+        ({TOKEN_ENV: "palsd-tok", OPEN_ENV: "1"}, ["vllm-key"], ("palsd-tok",), TOKEN_ENV),
+        # one secret: vLLM's --api-key (a list: any of them), else VLLM_API_KEY
+        ({}, ["k1", "k2"], ("k1", "k2"), "--api-key"),
+        ({API_KEY_ENV: "env-key"}, None, ("env-key",), API_KEY_ENV),
+        ({API_KEY_ENV: "env-key"}, ["cli-key"], ("cli-key",), "--api-key"),
+        ({API_KEY_ENV: "env-key", OPEN_ENV: "1"}, None, ("env-key",), API_KEY_ENV),
+    ],
+)
+def test_a_configured_token_is_required(
+    env: dict[str, str], api_keys: list[str] | None, tokens: tuple[str, ...], source: str
+) -> None:
+    access = decide_access(env, api_keys)
+    assert (access.tokens, access.open, access.refused) == (tokens, False, None)
+    assert source in access.source and "token required" in access.describe()
+    assert _refusal(access, f"Bearer {tokens[-1]}") is None
+    assert _refusal(access, None) == 401
+    assert _refusal(access, "Bearer nope") == 401
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
+def test_open_only_when_asked_and_said_so(value: str) -> None:
+    access = decide_access({OPEN_ENV: value}, None)
+    assert access.open and access.refused is None
+    assert "OPEN" in access.describe() and "anyone" in access.describe()
+    assert _refusal(access, None) is None
+
+
+@pytest.mark.parametrize("env", [{}, {OPEN_ENV: "0"}, {OPEN_ENV: "no"}, {OPEN_ENV: ""}])
+def test_nothing_configured_refuses_every_call_and_says_how_to_configure(
+    env: dict[str, str],
+) -> None:
+    access = decide_access(env, [])
+    assert access.refused is not None and access.refused_status == 403
+    for says in (TOKEN_FILE_ENV, "--api-key", f"{OPEN_ENV}=1"):
+        assert says in access.refused
+    with pytest.raises(ContractError) as err:
+        check_access(access, "Bearer anything")
+    assert err.value.status == 403 and TOKEN_FILE_ENV in err.value.reason
+
+
+def test_a_malformed_open_flag_is_named_and_does_not_open() -> None:
+    access = decide_access({OPEN_ENV: "maybe"}, None)
+    assert not access.open and access.refused is not None
+    assert "'maybe'" in access.refused and _refusal(access, None) == 403
+
+
+def test_an_unreadable_token_file_locks_the_door(tmp_path: Path) -> None:
+    absent = decide_access({TOKEN_FILE_ENV: str(tmp_path / "absent"), OPEN_ENV: "1"}, ["k"])
+    empty_file = tmp_path / "empty"
+    empty_file.write_text("\n")
+    empty = decide_access({TOKEN_FILE_ENV: str(empty_file)}, None)
+    for access in (absent, empty):
+        assert access.refused is not None and access.refused_status == 503
+        assert _refusal(access, "Bearer k") == 503
+    assert empty.refused is not None and "empty" in empty.refused
 
 
 def test_token_comes_from_the_env_or_a_file(tmp_path: Path) -> None:
