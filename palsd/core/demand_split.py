@@ -1,8 +1,13 @@
-"""The first controller: split the host budget across GPUs by demand; batch limits untouched.
+"""The first controller: split the host budget across GPUs by demand; batch limits untouched
+while the budget is feasible.
 
 A GPU whose power presses against its limit asks for more; one well below its limit asks for
 what it draws plus a margin. Every GPU gets its minimum, then the rest of the budget is
 water-filled towards each demand, and any budget left after that is spread by headroom.
+
+Below the sum of the minimum limits (infeasible) the power caps can do no more, so load is shed
+through the batch limits: each server's limit goes down to at most `shed_batch_limit`, and the
+limit it had before is remembered and given back once the budget is feasible again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class DemandSplitParams:
     step_up_w: float = 25.0  # what a pressing GPU asks for above its limit
     margin_w: float = 30.0  # what a relaxed GPU keeps above its draw
     max_raise_w_per_tick: float | None = 50.0
+    shed_batch_limit: int = 8  # batch limit ceiling while the budget is infeasible
 
 
 def demand_w(gpu: GpuObservation, p: DemandSplitParams) -> float:
@@ -58,6 +64,8 @@ class DemandSplitController:
 
     def __init__(self, params: DemandSplitParams | None = None) -> None:
         self.params = params or DemandSplitParams()
+        # Server name -> the batch limit it had before an infeasible budget shed it.
+        self._shed_from: dict[str, int] = {}
 
     def decide(self, obs: Observation) -> Decision:
         gpus = obs.gpus
@@ -85,12 +93,36 @@ class DemandSplitController:
             mode = "infeasible"
             reasons.append(
                 f"budget {budget_w} W is below the sum of minimum limits "
-                f"{sum(g.min_limit_w for g in gpus):.0f} W: every GPU at its minimum"
+                f"{sum(g.min_limit_w for g in gpus):.0f} W: every GPU at its minimum, batch "
+                f"limits shed to at most {self.params.shed_batch_limit}"
             )
+        batch_limits = self._batch_limits(obs, fitted.infeasible, reasons)
         return Decision(
             power_limits_w=fitted.limits_w,
-            batch_limits={},
+            batch_limits=batch_limits,
             reasons=tuple(reasons),
             mode=mode,
             infeasible=fitted.infeasible,
         )
+
+    def _batch_limits(
+        self, obs: Observation, infeasible: bool, reasons: list[str]
+    ) -> dict[str, int]:
+        """Shed while infeasible; give each shed server its old limit back once feasible."""
+        out: dict[str, int] = {}
+        shed = self.params.shed_batch_limit
+        for srv in obs.servers:
+            if srv.batch_limit is None:
+                continue  # unknown: nothing to shed from, nothing the daemon could restore
+            if infeasible:
+                if srv.batch_limit > shed:
+                    self._shed_from.setdefault(srv.name, srv.batch_limit)
+                    out[srv.name] = shed
+                    reasons.append(f"{srv.name}: batch limit {srv.batch_limit} -> {shed} (shed)")
+            elif srv.name in self._shed_from:
+                before = self._shed_from.pop(srv.name)
+                out[srv.name] = before
+                reasons.append(
+                    f"{srv.name}: batch limit {srv.batch_limit} -> {before} (budget feasible again)"
+                )
+        return out
