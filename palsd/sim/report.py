@@ -132,7 +132,8 @@ def targets(
             _row(
                 f"every policy and the best_fixed sweep, 1 virtual hour, in <= {TARGET_WALL_S:.0f} "
                 f"s wall ({meta['jobs']} processes)",
-                f"{meta['wall_s_all_policies']:.0f} s",
+                f"{meta['wall_s_all_policies']:.0f} s ({meta.get('cpu_s_all_policies', 0):.0f} s "
+                "CPU)",
                 meta["wall_s_all_policies"] <= TARGET_WALL_S,
             )
         )
@@ -191,6 +192,7 @@ def markdown(
     lines.append("")
     if best.get("swept"):
         n_run, n_skip = len(sweep), len(best.get("skipped", []))
+        n_below = len(best.get("not_run", []))
         n_ok = sum(1 for p in sweep.values() if _feasible(p))
         verdict = (
             f"won by {best['cap_w']:g} W, batch {best['batch_limit']}"
@@ -198,9 +200,11 @@ def markdown(
             else "no fixed pair was feasible"
         )
         lines += [
-            f"best_fixed: {n_run + n_skip} pairs (caps every <= 50 W from the minimum to the "
-            f"maximum limit x batch limits 32/64/128/256); {n_skip} skipped because their caps "
-            f"sum above the lowest budget, {n_run} run, {n_ok} feasible (SLO attainment >= "
+            f"best_fixed: {n_run + n_skip + n_below} pairs (caps every <= 50 W from the minimum "
+            f"to the maximum limit x batch limits 32/64/128/256); {n_skip} skipped because "
+            f"their caps sum above the lowest budget, {n_below} not run because a higher cap "
+            f"at the same batch limit already missed the SLO (a lower cap only slows the GPUs), "
+            f"{n_run} run (each stopped once infeasible), {n_ok} feasible (SLO attainment >= "
             f"{TARGET_ATTAINMENT}, never above budget); {verdict}.",
             "",
         ]
@@ -264,6 +268,7 @@ def write(
     meta: dict[str, Any],
     runs: list[RunResult],
     skipped: list[tuple[float, int]] | None = None,
+    not_run: list[tuple[float, int]] | None = None,
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     main = [r for r in runs if not r.policy.startswith("fixed_")]
@@ -276,6 +281,7 @@ def write(
         "cap_w": None,
         "batch_limit": None,
         "skipped": [{"cap_w": c, "batch_limit": b} for c, b in (skipped or [])],
+        "not_run": [{"cap_w": c, "batch_limit": b} for c, b in (not_run or [])],
     }
     winner = pick_best_fixed(sweep)
     plotted = list(main)

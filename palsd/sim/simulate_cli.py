@@ -52,7 +52,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(job: tuple[str, str, float, int, str, str, bool]) -> Any:
     from palsd.sim.simulate import run_policy
 
-    return run_policy(*job)
+    return [run_policy(*job)]
+
+
+def _run_chain(job: tuple[int, tuple[float, ...], tuple[str, float, int, str, str]]) -> Any:
+    """One batch limit of the sweep, caps from the highest down. At a fixed batch limit a lower
+    cap can only slow the GPUs (the firmware meets a lower limit with a lower clock), so once a
+    cap misses the SLO every lower cap would too: the chain stops there and the lower pairs are
+    reported as not run for that reason."""
+    from palsd.sim.simulate import run_policy
+
+    batch, caps, base = job
+    out = []
+    for cap in caps:
+        res = run_policy(fixed_name(cap, batch), *base, True)
+        out.append(res)
+        if res.aborted and res.seconds_above_budget == 0:
+            break
+    return out
+
+
+def _dispatch(job: Any) -> Any:
+    return _run_chain(job) if isinstance(job[0], int) else _run(job)
 
 
 def sweep_pairs(gpu: str, lowest_budget_w: float | None) -> tuple[list[tuple[float, int]], list]:
@@ -65,6 +86,13 @@ def sweep_pairs(gpu: str, lowest_budget_w: float | None) -> tuple[list[tuple[flo
             over = lowest_budget_w is not None and N_GPUS * cap > lowest_budget_w + 1e-6
             (skipped if over else run).append((cap, batch))
     return run, skipped
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,8 +113,10 @@ def main(args: argparse.Namespace) -> int:
     if scenario.long_share is not None:
         capacity_per_s(args.gpu, setup.model, setup.tp, long=True)
     base = (args.scenario, args.hours, args.seed, args.model, args.gpu)
-    jobs = [(p, *base, False) for p in names if p != BEST_FIXED]
+    jobs: list[Any] = [(p, *base, False) for p in names if p != BEST_FIXED]
     skipped: list[tuple[float, int]] = []
+    not_run: list[tuple[float, int]] = []  # below a cap that missed the SLO at that batch
+    pairs: list[tuple[float, int]] = []
     if BEST_FIXED in names:
         budgets = [
             scenario.budget_w(args.gpu, s * duration_s, duration_s)
@@ -94,16 +124,25 @@ def main(args: argparse.Namespace) -> int:
         ]
         lowest = min((b for b in budgets if b is not None), default=None)
         pairs, skipped = sweep_pairs(args.gpu, lowest)
-        # Highest caps first: they run longest when feasible, so the pool stays balanced.
-        pairs.sort(key=lambda p: (-p[0], -p[1]))
-        jobs += [(fixed_name(c, b), *base, True) for c, b in pairs]
+        for batch in SWEEP_BATCHES:
+            caps = tuple(sorted((c for c, b in pairs if b == batch), reverse=True))
+            if caps:
+                jobs.append((batch, caps, base))
     started = time.perf_counter()
+    cpu0 = time.process_time() + _children_cpu_s()
     if args.jobs > 1 and len(jobs) > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            runs = list(pool.imap_unordered(_run, jobs, chunksize=1))
+            batches = list(pool.imap_unordered(_dispatch, jobs, chunksize=1))
     else:
-        runs = [_run(j) for j in jobs]
+        batches = [_dispatch(j) for j in jobs]
+    runs = [r for b in batches for r in b]
     wall_s = time.perf_counter() - started
+    cpu_s = time.process_time() + _children_cpu_s() - cpu0
+    if BEST_FIXED in names:
+        done = {(r.policy) for r in runs}
+        for c, b in pairs:
+            if fixed_name(c, b) not in done:
+                not_run.append((c, b))
     from palsd.sim.gpu_model import GPU_PRESETS
 
     meta = {
@@ -121,18 +160,20 @@ def main(args: argparse.Namespace) -> int:
         ),
         "capacity_requests_per_s": capacity_per_s(args.gpu, setup.model, setup.tp),
         "wall_s_all_policies": wall_s,
+        "cpu_s_all_policies": cpu_s,
         "jobs": args.jobs,
-        "runs": len(jobs),
+        "runs": 0,
         "best_fixed_swept": BEST_FIXED in names,
         "command": (
             f"palsd simulate --scenario {args.scenario} --gpu {args.gpu} --model {args.model} "
             f"--hours {args.hours:g} --seed {args.seed} --jobs {args.jobs} --out {args.out}"
         ),
     }
+    meta["runs"] = len(runs)
     order = {p: i for i, p in enumerate(names)}
     runs.sort(key=lambda r: order.get(r.policy, len(order)))
-    result = report.write(args.out, meta, runs, skipped)
+    result = report.write(args.out, meta, runs, skipped, not_run)
     print((args.out / "report.md").read_text())
-    print(f"{len(runs)} runs in {wall_s:.1f} s wall ({args.jobs} processes)")
+    print(f"{len(runs)} runs in {wall_s:.1f} s wall, {cpu_s:.1f} s CPU ({args.jobs} processes)")
     missed = [t for t in result["targets"] if not t["met"]]
     return 1 if missed else 0
