@@ -90,9 +90,10 @@ def _ms(v: float | None) -> str:
 
 def report_text(url: str, report: WindowReport) -> str:
     lines = [f"{url}: {len(report.engines)} engine(s), window {report.server.window_s:.2f} s"]
+    missing_quantile = False
     for e in report.engines:
         s = e.signals
-        kv = "-" if s.kv_cache_usage is None else f"{s.kv_cache_usage * 100:.1f}%"
+        kv = "not reported" if s.kv_cache_usage is None else f"{s.kv_cache_usage * 100:.1f}%"
         lines += [
             f"model {e.model_name!r} engine {e.engine}:",
             f"  running {s.running:g}  waiting {s.waiting:g}  kv cache {kv}",
@@ -101,10 +102,12 @@ def report_text(url: str, report: WindowReport) -> str:
             f"  preemptions {s.preemptions_per_s:.2f}/s",
         ]
         for label, q in (("ttft", s.ttft_s), ("itl", s.itl_s), ("e2e", s.e2e_s)):
+            missing_quantile = missing_quantile or None in (q.p50, q.p90, q.p99)
             lines.append(f"  {label:<4} ms  p50 {_ms(q.p50)}  p90 {_ms(q.p90)}  p99 {_ms(q.p99)}")
     if not report.engines:
         lines.append("  no engines on the page (vLLM answered but reported no model)")
-    lines.append("  (- : no request finished in the window)")
+    if missing_quantile:  # the legend only where a "-" was printed
+        lines.append("  (- : no request finished in the window)")
     return "\n".join(lines)
 
 

@@ -47,6 +47,19 @@ def test_text_shows_each_engine_and_marks_missing_quantiles() -> None:
     assert "model 'm' engine 0:" in text and "model 'm' engine 1:" in text
     assert "ttft ms  p50 50.0  p90 90.0  p99 200.0" in text
     assert "e2e  ms  p50 -  p90 -  p99 -" in text
+    assert "kv cache 25.0%" in text and "kv cache not reported" in text
+    assert text.endswith("(- : no request finished in the window)")
+
+
+def test_text_with_every_quantile_known_prints_no_legend_for_dashes() -> None:
+    full = ServerSignals(
+        running=1, waiting=0, kv_cache_usage=0.5, requests_per_s=1.0, prompt_tokens_per_s=9.0,
+        generation_tokens_per_s=90.0, preemptions_per_s=0.0, ttft_s=Quantiles(0.1, 0.2, 0.3),
+        itl_s=Quantiles(0.01, 0.02, 0.03), e2e_s=Quantiles(1.0, 2.0, 3.0), window_s=2.0,
+    )  # fmt: skip
+    text = report_text("http://h:8000", WindowReport(full, (EngineSignals("m", "0", full),)))
+    assert "e2e  ms  p50 1000.0  p90 2000.0  p99 3000.0" in text
+    assert " - " not in text and "no request finished" not in text
 
 
 @pytest.mark.parametrize("bad", ["0s", "soon", "-1s"])
