@@ -101,11 +101,53 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+class JointConfig(_Section):
+    """Tuning of the joint controller (palsd/core/controller.py, docs/controller.md)."""
+
+    host_fixed_w: float = Field(
+        345.0,
+        ge=0,
+        le=100_000,
+        description="fixed host draw in P_host = 1.05 x sum(GPU power) + this (PALS's IPMI "
+        "fit); the controller maximises tokens per joule of P_host",
+    )
+    low_margin: float = Field(
+        0.10, gt=0, lt=1, description="SLO headroom below this share raises the cap"
+    )
+    high_margin: float = Field(
+        0.25, gt=0, lt=1, description="SLO headroom above this share allows probing a lower cap"
+    )
+    dwell_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="a cap is judged only after holding this long; keep it >= scrape.window_s",
+    )
+    cap_step_w: float = Field(
+        25.0, gt=0, le=500, description="step of the tokens/J search over caps"
+    )
+    batch_memory_s: float = Field(
+        300.0,
+        ge=0,
+        le=86_400,
+        description="a batch limit shrunk for ITL is not grown back to for this long",
+    )
+
+    @model_validator(mode="after")
+    def _margins_ordered(self) -> JointConfig:
+        if self.high_margin <= self.low_margin:
+            raise ValueError("control.joint.high_margin must be above control.joint.low_margin")
+        return self
+
+
 class ControlConfig(_Section):
     period_s: float = Field(0.5, gt=0.01, le=60, description="control period, seconds")
     dry_run: bool = Field(False, description="read everything, log the limits, set nothing")
     controller: Literal["joint", "demand_split"] = "demand_split"
     max_raise_w_per_tick: float | None = Field(50.0, gt=0, le=100_000)
+    joint: JointConfig = Field(
+        default_factory=JointConfig, description="tuning of the joint controller"
+    )
 
 
 class GpuConfig(_Section):

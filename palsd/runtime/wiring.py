@@ -25,9 +25,20 @@ def make_backend(cfg: PalsdConfig) -> GpuBackend:
 
 def make_controller(cfg: PalsdConfig) -> Controller:
     if cfg.control.controller == "joint":
-        from palsd.core.controller import JointController
+        from palsd.core.controller import JointController, JointParams
 
-        return JointController()
+        j = cfg.control.joint
+        return JointController(
+            JointParams(
+                max_raise_w_per_tick=cfg.control.max_raise_w_per_tick,
+                host_fixed_w=j.host_fixed_w,
+                low_margin=j.low_margin,
+                high_margin=j.high_margin,
+                dwell_s=j.dwell_s,
+                cap_step_w=j.cap_step_w,
+                batch_memory_s=j.batch_memory_s,
+            )
+        )
     from palsd.core.demand_split import DemandSplitController, DemandSplitParams
 
     return DemandSplitController(
