@@ -143,14 +143,19 @@ class Palsd:
 
 
 @contextmanager
-def palsd(tmp: Path, cfg: dict[str, Any]) -> Iterator[Palsd]:
+def palsd(tmp: Path, cfg: dict[str, Any], nofile: int | None = None) -> Iterator[Palsd]:
+    """`nofile`: the daemon's RLIMIT_NOFILE (soft and hard), as LimitNOFILE= would set it."""
     path = tmp / "palsd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log_path = tmp / "palsd.log"
     log = open(log_path, "wb")  # noqa: SIM115
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    limit = None if nofile is None else ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
     proc = subprocess.Popen(
-        [*PALSD, "run", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        [*(limit or []), *PALSD, "run", "--config", str(path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     daemon = Palsd(proc, path, log_path, Path(cfg["api"]["socket"]))
     try:
