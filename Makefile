@@ -85,6 +85,13 @@ bench-tick: venv
 bench-mqtt: venv system-deps
 	$(BIN)/python tools/bench_mqtt.py --changes 1000
 
+# 10,000 signed budgets at 200/s over a real Mosquitto into `palsd run` and 8 simulated GPUs;
+# the last line is one JSON object (sent, applied_last, lost_uncounted, max_tick_gap_s,
+# over_budget_ms). See docs/mqtt.md.
+.PHONY: bench-mqtt-flood
+bench-mqtt-flood: venv system-deps
+	$(BIN)/python tools/bench_mqtt_flood.py --budgets 10000 --rate 200
+
 # The headline scenarios of docs/controller.md: every policy and the best_fixed sweep on the twin,
 # 1 virtual hour each. Runs them all, then fails when any scenario missed a target (each
 # report.json lists its targets). Not part of `make test`. SIM_GPU / SIM_MODEL pick the preset.

@@ -390,6 +390,7 @@ class MqttFeed:
         daemon only the newest accepted one per topic; the others were superseded."""
         now = self.clock()
         newest: dict[str, tuple[Route, Message]] = {}
+        superseded: dict[str, list[int]] = {}  # origin -> seqs passed over
         for topic, raw in messages:
             self._received += 1
             self.metrics.received.inc()
@@ -405,14 +406,18 @@ class MqttFeed:
             older = newest.get(route.origin)
             if older is not None:
                 self._count("superseded")
-                self.log.info(
-                    "mqtt_message_superseded",
-                    topic=route.origin,
-                    seq=older[1].seq,
-                    sender=older[1].sender,
-                    by_seq=msg.seq,
-                )
+                superseded.setdefault(route.origin, []).append(older[1].seq)
             newest[route.origin] = (route, msg)
+        for origin, seqs in superseded.items():
+            # One line per topic and batch, not one per message: a flood must not flood the log.
+            self.log.info(
+                "mqtt_budgets_superseded",
+                topic=origin,
+                count=len(seqs),
+                seqs=[seqs[0], seqs[-1]],
+                kept_seq=newest[origin][1].seq,
+                action="only the newest of a batch is handed over",
+            )
         if not newest:
             return
         self._save_seqs_soon()

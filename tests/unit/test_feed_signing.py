@@ -48,7 +48,16 @@ def test_worked_example_from_the_docs() -> None:
 def test_numbers_are_written_as_ecmascript_does() -> None:
     # 4000.0 and 4000 are one number to every JSON reader, so they sign the same.
     assert sign(KEY, TOPIC, "budget", {**FIELDS, "budget_w": 4000.0}) == EXAMPLE_SIG
-    cases = [(1.5e-7, "1.5e-7"), (1e21, "1e+21"), (1e20, "100000000000000000000"), (0.1, "0.1")]
+    cases = [
+        (1.5e-7, "1.5e-7"),
+        (1e21, "1e+21"),
+        (1e20, "100000000000000000000"),
+        (0.1, "0.1"),
+        (2.0**60, "1152921504606847000"),  # shortest digits, not the exact integer
+        (9424172622184216.0, "9424172622184216"),
+        (123.0, "123"),
+        (0.00001, "0.00001"),
+    ]
     for value, text in cases:
         assert canonical_json({"x": value}) == f'{{"x":{text}}}'.encode()
     assert canonical_json({"x": -0.0}) == b'{"x":0}'
