@@ -79,6 +79,7 @@ class GpuSpec:
     bw_knee_frac: float  # below this fraction of max clock the SMs cannot saturate HBM
     nvlink_bytes_per_s: float
     settle_tau_s: float = 0.15  # time constant of the power-cap clock controller
+    small_kernel_scale: float = 1.0  # a launch-bound small kernel's time at max clock vs Hopper
     cap_target_frac: float = 0.99  # the cap loop holds the average this far under the limit
 
     def idle_w(self, clock_mhz: float) -> float:
@@ -237,6 +238,7 @@ A100 = GpuSpec(
     volt_floor_frac=0.5,
     bw_knee_frac=0.55,
     nvlink_bytes_per_s=250e9,
+    small_kernel_scale=1.4,  # 1410 vs 1980 MHz
 )
 
 GPU_PRESETS: dict[str, GpuSpec] = {"h100": H100, "h200": H200, "a100": A100}

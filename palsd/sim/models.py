@@ -37,6 +37,9 @@ class ModelSpec:
     expert_params: float  # parameters of ONE routed expert in one layer
     default_tp: int
     max_model_len: int = 32768
+    # kernels per layer that barely touch HBM (norms, rotary, KV write, residual adds, and for an
+    # MoE routing, top-k, token alignment, activation, the expert sum): their time is SM-clock time
+    small_kernels_per_layer: int = 8
 
     @cached_property
     def routed_params(self) -> float:
@@ -80,6 +83,7 @@ MIXTRAL_8X7B = ModelSpec(
     top_k=2,
     expert_params=3 * 4096 * 14336,
     default_tp=2,
+    small_kernels_per_layer=14,
 )
 
 # Qwen1.5-MoE-A2.7B: 60 routed experts (FFN 1408) top-4 plus shared experts, MHA 16 heads.
@@ -96,6 +100,7 @@ QWEN_MOE = ModelSpec(
     expert_params=3 * 2048 * 1408,
     default_tp=1,
     max_model_len=8192,
+    small_kernels_per_layer=16,  # routed and shared experts
 )
 
 DENSE_8B = ModelSpec(
@@ -118,11 +123,15 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     "dense-8b": DENSE_8B,
 }
 
-# Fixed cost of one vLLM iteration in which HBM is idle: host-side scheduling, sampling and
-# detokenising between graph launches plus the small kernels inside one, and its growth with
-# the number of sequences; plus one NCCL all-reduce latency.
-ITER_OVERHEAD_S = 2.0e-3
+# Time of one vLLM iteration in which HBM is idle. Host side, GPU idle at its clock: scheduling,
+# sampling and detokenising between graph launches, growing with the number of sequences. GPU
+# side: the small kernels (ModelSpec.small_kernels_per_layer, each SMALL_KERNEL_S at the max
+# clock, longer at a lower clock: launch-bound kernels run on SM cycles). At the max clock an
+# iteration of Mixtral carries ~2.3 ms of it, Llama-8B ~1.8 ms: about what separates vLLM's
+# measured inter-token latency from weights / bandwidth.
+ITER_OVERHEAD_S = 1.0e-3
 PER_SEQ_OVERHEAD_S = 6e-6
+SMALL_KERNEL_S = 3.0e-6
 ALLREDUCE_LATENCY_S = 8e-6
 
 
@@ -167,7 +176,11 @@ def iteration_cost(
         2.0 * model.active_params * tokens
         + attn_flops_per_ctx * (decode_ctx_tokens + prefill_attend_tokens)
     ) / tp
-    overhead = ITER_OVERHEAD_S + PER_SEQ_OVERHEAD_S * (decode_seqs + (1 if prefill_tokens else 0))
+    overhead = (
+        ITER_OVERHEAD_S
+        + PER_SEQ_OVERHEAD_S * (decode_seqs + (1 if prefill_tokens else 0))
+        + small_kernel_s(model, gpu, clock_mhz)
+    )
     if tp > 1:
         per_reduce = ALLREDUCE_LATENCY_S + tokens * model.hidden * BYTES_PER_PARAM / (
             gpu.nvlink_bytes_per_s
@@ -178,6 +191,12 @@ def iteration_cost(
         comp_s=flops / gpu.flops_at(clock_mhz),
         overhead_s=overhead,
     )
+
+
+def small_kernel_s(model: ModelSpec, gpu: GpuSpec, clock_mhz: float) -> float:
+    """GPU time of an iteration's small kernels at `clock_mhz`."""
+    n = model.layers * model.small_kernels_per_layer
+    return n * SMALL_KERNEL_S * gpu.small_kernel_scale * gpu.max_clock_mhz / clock_mhz
 
 
 class CostModel:
@@ -201,10 +220,12 @@ class CostModel:
         self._weights: dict[int, float] = {}
         self._inv_bw = 1.0 / gpu.bw_at(gpu.max_clock_mhz)
         self._inv_fl = 1.0 / gpu.flops_at(gpu.max_clock_mhz)
+        self._small = small_kernel_s(model, gpu, gpu.max_clock_mhz)
 
     def set_clock(self, clock_mhz: float) -> None:
         self._inv_bw = 1.0 / self._gpu.bw_at(clock_mhz)
         self._inv_fl = 1.0 / self._gpu.flops_at(clock_mhz)
+        self._small = small_kernel_s(self._model, self._gpu, clock_mhz)
 
     def cost(
         self,
@@ -225,6 +246,7 @@ class CostModel:
         overhead = (
             ITER_OVERHEAD_S
             + PER_SEQ_OVERHEAD_S * (decode_seqs + (1 if prefill_tokens else 0))
+            + self._small
             + self._ar_fixed
             + self._ar_tok * tokens
         )

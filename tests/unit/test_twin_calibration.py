@@ -13,23 +13,13 @@ import pytest
 from palsd.sim import calibrate
 from palsd.sim.characterise import serve
 
-# Points still departing while the A100 preset and serving-level checks are reworked (issue 10).
-PENDING = {"mlenergy_logistic", "clock_16_vs_20", "samsi_cap", "max_q", "pals_batch", "pals_caps"}
-
 
 @functools.cache
 def run(check: Callable[[], calibrate.Check]) -> calibrate.Check:
     return check()
 
 
-def _param(fn: Callable[[], calibrate.Check]) -> object:
-    marks = []
-    if fn.__name__ in PENDING:
-        marks.append(pytest.mark.xfail(strict=True, reason="being reworked, docs/twin.md"))
-    return pytest.param(fn, id=fn.__name__, marks=marks)
-
-
-@pytest.mark.parametrize("check", [_param(fn) for fn in calibrate.CHECKS])
+@pytest.mark.parametrize("check", [pytest.param(fn, id=fn.__name__) for fn in calibrate.CHECKS])
 def test_calibration_point(check: Callable[[], calibrate.Check]) -> None:
     result = run(check)
     assert result.match, f"{result.point}: twin {result.twin}; tolerance {result.tolerance}"
