@@ -92,6 +92,12 @@ bench-mqtt: venv system-deps
 bench-mqtt-flood: venv system-deps
 	$(BIN)/python tools/bench_mqtt_flood.py --budgets 10000 --rate 200
 
+# What `palsd run` costs: 60 s at 2 Hz, 8 simulated GPUs, 8 servers with ~50 KB /metrics pages;
+# the last line is one JSON object (cpu_percent, rss_mb, tick_p99_ms, ...). See docs/operations.md.
+.PHONY: bench-daemon
+bench-daemon: venv
+	$(BIN)/python tools/bench_daemon.py --seconds 60
+
 # The headline scenarios of docs/controller.md: every policy and the best_fixed sweep on the twin,
 # 1 virtual hour each. Runs them all, then fails when any scenario missed a target (each
 # report.json lists its targets). Not part of `make test`. SIM_GPU / SIM_MODEL pick the preset.
