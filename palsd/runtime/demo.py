@@ -18,6 +18,15 @@ from typing import Any
 
 import yaml
 
+from palsd.sim.demo_profile import (
+    BUDGET_CUT_FROM_S,
+    BUDGET_CUT_TO_S,
+    BUDGET_CYCLE_S,
+    DEFAULT_BUDGET_FRAC,
+    DEMO_RATE_PER_S,
+    override_at,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=4)
@@ -94,7 +103,9 @@ def main(args: argparse.Namespace) -> int:
                 "--servers",
                 str(args.servers),
                 "--workload",
-                "varying",
+                "demo",
+                "--rate",
+                str(DEMO_RATE_PER_S),
                 "--seed",
                 str(args.seed),
                 "--listen",
@@ -112,7 +123,8 @@ def main(args: argparse.Namespace) -> int:
         from palsd.sense.simhost import SimHostBackend
 
         gpus = SimHostBackend(ready["url"]).read_all()
-        budget_w = args.budget_w or round(0.45 * sum(g.max_limit_w for g in gpus))
+        max_sum_w = sum(g.max_limit_w for g in gpus)
+        budget_w = args.budget_w or round(DEFAULT_BUDGET_FRAC * max_sum_w)
         config_path = workdir / "palsd.yaml"
         config_path.write_text(
             yaml.safe_dump(demo_config(ready, workdir, budget_w, args.controller), sort_keys=False)
@@ -135,8 +147,27 @@ def main(args: argparse.Namespace) -> int:
             f"try in another shell: .venv/bin/palsctl status | set-budget {budget_w * 0.6:.0f}W"
             " --ttl 2m | clear-budget"
         )
+        print(
+            f"the demo cuts the budget to {override_at(BUDGET_CUT_FROM_S, max_sum_w)} W "
+            f"for {BUDGET_CUT_TO_S - BUDGET_CUT_FROM_S:.0f} s of every {BUDGET_CYCLE_S:.0f} s "
+            "(a local override); the load swells and bursts"
+        )
         time.sleep(1.5)
+        started = time.monotonic()
+        held: float | None = None
         while daemon.poll() is None:
+            # The demo's budget timeline (palsd/sim/demo_profile.py), through the local API.
+            want = override_at(time.monotonic() - started, max_sum_w)
+            if want != held:
+                try:
+                    if want is None:
+                        client.call("DELETE", "/v1/budget/override")
+                    else:
+                        body = {"budget_w": want, "ttl_s": None, "reason": "demo: budget cut"}
+                        client.call("PUT", "/v1/budget/override", body)
+                    held = want
+                except ApiError:
+                    pass  # palsd not answering yet: try again next refresh
             try:
                 text = render_status(client.call("GET", "/v1/status"))
             except ApiError as err:

@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gpu", choices=sorted(GPU_PRESETS), default="h100")
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="mixtral-8x7b")
-    parser.add_argument("--workload", choices=["varying", "poisson", "bursty"], default="varying")
+    parser.add_argument(
+        "--workload", choices=["varying", "poisson", "bursty", "demo"], default="varying"
+    )
     parser.add_argument(
         "--rate",
         type=float,
@@ -65,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_workload(kind: str, rate_per_s: float) -> Workload:
+    if kind == "demo":
+        from palsd.sim.demo_profile import demo_workload
+
+        return demo_workload(rate_per_s)
     if kind == "poisson":
         return PoissonWorkload(rate_per_s)
     if kind == "bursty":

@@ -202,12 +202,14 @@ def run_policy(
     model: str,
     gpu: str = "h100",
     abort_when_infeasible: bool = False,
+    scenario: Scenario | None = None,
+    timeline_every_s: float = TIMELINE_EVERY_S,
 ) -> RunResult:
     """One policy through one scenario. With abort_when_infeasible (the best_fixed sweep) the
     run stops as soon as it has gone above the budget or missed more SLO windows than an
     attainment of 0.99 allows: it can no longer be the winner, whatever the rest would show."""
     setup = MODELS[model]
-    scenario = build_scenario(scenario_name, seed)
+    scenario = scenario or build_scenario(scenario_name, seed)
     duration_s = hours * 3600.0
     host = build_host(setup, scenario, seed, gpu, duration_s)
     ctrl = make_policy(policy)
@@ -225,6 +227,8 @@ def run_policy(
             "ttft_ratio",
             "batch_mean",
             "requests_per_s",
+            "cap_mean_w",
+            "waiting",
         )
     }
     last_change_s = 0.0
@@ -237,7 +241,7 @@ def run_policy(
     steps = round(duration_s / SUB_STEP_S)
     ticks_per_control = round(CONTROL_PERIOD_S / SUB_STEP_S)
     ticks_per_window = round(SLO_WINDOW_S / SUB_STEP_S)
-    ticks_per_timeline = round(TIMELINE_EVERY_S / SUB_STEP_S)
+    ticks_per_timeline = max(1, round(timeline_every_s / SUB_STEP_S))
     allowed_violations = int((1.0 - TARGET_ATTAINMENT) * (steps // ticks_per_window) + 1e-9)
     energy_prev = energy0
     last_dir: dict[int, int] = {}
@@ -303,7 +307,17 @@ def run_policy(
             if not all(_window_met(host, setup, n) for n in names):
                 res.slo_violation_windows += 1
         if (k + 1) % ticks_per_timeline == 0:
-            _record(tl, host, setup, names, now_s + SUB_STEP_S, watts, power_w, limits_w)
+            _record(
+                tl,
+                host,
+                setup,
+                names,
+                now_s + SUB_STEP_S,
+                watts,
+                power_w,
+                limits_w,
+                timeline_every_s,
+            )
         if abort_when_infeasible and (
             res.seconds_above_budget > 0 or res.slo_violation_windows > allowed_violations
         ):
@@ -326,10 +340,12 @@ def _record(
     budget_w: float | None,
     power_w: float,
     limits_w: float,
+    every_s: float = TIMELINE_EVERY_S,
 ) -> None:
-    itl, ttft, batch, rps = 0.0, 0.0, 0.0, 0.0
+    itl, ttft, batch, rps, waiting = 0.0, 0.0, 0.0, 0.0, 0.0
     for n in names:
-        sig = host.server_signals(n, TIMELINE_EVERY_S)
+        sig = host.server_signals(n, max(every_s, TIMELINE_EVERY_S))
+        waiting += sig.waiting
         rps += sig.requests_per_s
         i = quantile_of(sig.itl_s, setup.slo.itl_quantile)
         f = quantile_of(sig.ttft_s, setup.slo.ttft_quantile)
@@ -346,3 +362,5 @@ def _record(
     tl["ttft_ratio"].append(ttft)
     tl["batch_mean"].append(batch)
     tl["requests_per_s"].append(rps)
+    tl["cap_mean_w"].append(limits_w / len(host.gpu_readings()))
+    tl["waiting"].append(waiting)
