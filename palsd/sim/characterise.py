@@ -99,7 +99,7 @@ def serve(
 # the fixed part shared over an 8-GPU host. palsd.sim.simulate uses the same fit.
 HOST_GPU_FACTOR = 1.05
 HOST_FIXED_W_PER_GPU = 345.0 / 8
-NEAR_MAX_FRAC = 0.15  # an optimum within 15% of the range below the maximum counts as "max"
+NEAR_FRAC = 0.15  # an optimum within 15% of the limit range of either end counts as that end
 
 
 @dataclass(frozen=True)
@@ -141,12 +141,13 @@ class EfficiencyCurve:
         return self.points[max(range(len(tpj)), key=tpj.__getitem__)].cap_w
 
     def regime(self, host: bool = True) -> str:
-        """'floor' (best at the minimum limit), 'max' (at or within 15% of the range below the
-        maximum) or 'interior'."""
+        """'floor' (best at or within 15% of the limit range above the minimum), 'max' (at or
+        within 15% below the maximum) or 'interior'."""
         best = self.optimum_cap_w(host)
-        if best <= self.min_limit_w + 1e-9:
+        near = NEAR_FRAC * (self.max_limit_w - self.min_limit_w)
+        if best <= self.min_limit_w + near + 1e-9:
             return "floor"
-        if best >= self.max_limit_w - NEAR_MAX_FRAC * (self.max_limit_w - self.min_limit_w):
+        if best >= self.max_limit_w - near - 1e-9:
             return "max"
         return "interior"
 
@@ -182,11 +183,14 @@ def efficiency_curve(
     batch: int = 256,
     step_w: float = 50.0,
     host_fixed_w_per_gpu: float = HOST_FIXED_W_PER_GPU,
-    warm_s: float = 15.0,
-    measure_s: float = 30.0,
+    warm_s: float = 30.0,
+    measure_s: float = 60.0,
 ) -> EfficiencyCurve:
     """tokens/J against the cap, from the minimum to the maximum limit in steps of at most
-    step_w, each point a saturated server (prefill + decode under a backlog) at `batch`."""
+    step_w, each point a saturated server (prefill + decode under a backlog of chat-like
+    requests) at `batch`, measured after warm_s for measure_s of virtual time. Shorter windows
+    see the backlog's synchronised prefill phases, not the steady state. Costs ~1 s of CPU per
+    point for the MoE presets (a few seconds per curve)."""
     spec = GPU_PRESETS[gpu]
     lo, hi = spec.min_limit_w, spec.max_limit_w
     n = max(1, -int(-(hi - lo) // step_w))

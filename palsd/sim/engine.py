@@ -22,7 +22,7 @@ from palsd.sim.workload import PoissonWorkload, Workload
 
 # Requests/s per server used when no workload is given: about half of what one server of the
 # preset sustains at batch 64 on an H100 with the default length mix.
-NOMINAL_RATE_PER_S = {"mixtral-8x7b": 4.0, "qwen-moe": 6.0, "dense-8b": 6.0}
+NOMINAL_RATE_PER_S = {"mixtral-8x7b": 4.0, "qwen-moe": 6.0, "dense-8b": 6.0, "dense-70b": 1.0}
 
 _SNAPSHOT_KEEP = 20_000  # counter snapshots kept per server (one per quantum: ~16 min)
 

@@ -117,10 +117,27 @@ DENSE_8B = ModelSpec(
     default_tp=1,
 )
 
+# Llama-3.1-70B: 80 layers, hidden 8192, GQA 64/8; 141 GB of bf16 weights, TP=4 on 80 GB GPUs.
+# The compute-heaviest preset: at a saturating load its tokens/J is best at the lowest cap.
+DENSE_70B = ModelSpec(
+    name="meta-llama/Llama-3.1-70B-Instruct",
+    total_params=70.6e9,
+    layers=80,
+    hidden=8192,
+    heads=64,
+    kv_heads=8,
+    head_dim=128,
+    experts=0,
+    top_k=0,
+    expert_params=0.0,
+    default_tp=4,
+)
+
 MODEL_PRESETS: dict[str, ModelSpec] = {
     "mixtral-8x7b": MIXTRAL_8X7B,
     "qwen-moe": QWEN_MOE,
     "dense-8b": DENSE_8B,
+    "dense-70b": DENSE_70B,
 }
 
 # Time of one vLLM iteration in which HBM is idle. Host side, GPU idle at its clock: scheduling,
