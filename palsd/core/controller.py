@@ -50,12 +50,12 @@ class JointParams:
     control_batch: bool = True  # False: every batch limit at fixed_batch_limit
     fixed_batch_limit: int | None = None  # None: the server's max_num_seqs (vLLM's default)
     initial_batch_limit: int | None = None  # None: start from what the server reports
-    low_margin: float = 0.10  # SLO headroom below this: raise the cap
-    high_margin: float = 0.25  # headroom above this: a lower cap may be probed
+    low_margin: float = 0.15  # SLO headroom below this: raise the cap
+    high_margin: float = 0.30  # headroom above this: a lower cap may be probed
     dwell_s: float = 10.0  # a cap is judged after holding this long (the signal window)
     settle_s: float = 5.0  # spacing of raises on thin headroom (half the window)
     react_s: float = 3.0  # minimum spacing of emergency raises (the window lags a raise)
-    cap_step_w: float = 25.0  # efficiency probing step
+    cap_step_w: float = 25.0  # efficiency probing step; doubles (up to 4x) while moves agree
     cap_step_up_w: float = 25.0
     danger_step_up_w: float = 75.0
     draw_margin_w: float = 40.0  # a cap this far above the draw does not bind
@@ -65,7 +65,7 @@ class JointParams:
     host_fixed_w: float = 345.0
     # Feed-forward: concurrency (running + waiting) this much above where the cap was last set,
     # or this many requests waiting, raises the cap before the latency window shows it.
-    ff_jump: float = 0.3
+    ff_jump: float = 0.2
     ff_gain: float = 1.0
     ff_waiting: float = 8.0
     batch_step_frac: float = 0.25
@@ -99,6 +99,8 @@ class _ServerState:
     starved: bool = False  # wanted more watts than the budget split gave it last tick
     first_seen_s: float = -math.inf
     probed_up: bool = False  # the last change probed a higher cap: measure it before lowering
+    step_w: float = 0.0  # the efficiency search's current step (0: not started)
+    step_dir: int = 0  # direction of the search's last move
     ref_load: float | None = None  # concurrency when the cap was last set (feed-forward)
     batch_ceiling: int | None = None  # a limit that had to shrink: growth stays below it ...
     ceiling_until_s: float = -math.inf  # ... until then
@@ -296,8 +298,9 @@ class JointController:
         here = self._efficiency(st, now_s, rps, cap, host_share_w)
         if here is None:
             return cap, ""
-        down = max(floor_w, cap - p.cap_step_w)
-        up = min(ceiling_w, cap + p.cap_step_w)
+        step = st.step_w or p.cap_step_w
+        down = max(floor_w, cap - step)
+        up = min(ceiling_w, cap + step)
         may_down = (
             down < cap - 0.5
             and h.worst > p.high_margin
@@ -308,16 +311,26 @@ class JointController:
         may_up = up > cap + 0.5 and not st.starved and binds
         e_down = self._efficiency(st, now_s, rps, down, host_share_w) if may_down else None
         e_up = self._efficiency(st, now_s, rps, up, host_share_w) if may_up else None
+        choice: tuple[float, str] | None = None
         if may_down and e_down is None:
-            return down, f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)"
-        if may_up and e_up is None:
-            return up, f"probing a higher cap ({here:.2f} tokens/J here)"
-        best, best_e = cap, here
-        for c, e in ((down, e_down), (up, e_up)):
-            if e is not None and e > best_e * (1.0 + p.efficiency_eps):
-                best, best_e = c, e
-        if best != cap:
-            return best, f"more tokens/J there ({best_e:.2f} vs {here:.2f})"
+            choice = (down, f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)")
+        elif may_up and e_up is None:
+            choice = (up, f"probing a higher cap ({here:.2f} tokens/J here)")
+        else:
+            best, best_e = cap, here
+            for c, e in ((down, e_down), (up, e_up)):
+                if e is not None and e > best_e * (1.0 + p.efficiency_eps):
+                    best, best_e = c, e
+            if best != cap:
+                choice = (best, f"more tokens/J there ({best_e:.2f} vs {here:.2f})")
+        if choice is not None:
+            # A line search: the step doubles (up to 4x) while moves go the same way and
+            # falls back to the base step when the direction turns.
+            d = 1 if choice[0] > cap else -1
+            st.step_w = min(4 * p.cap_step_w, 2 * step) if d == st.step_dir else p.cap_step_w
+            st.step_dir = d
+            return choice
+        st.step_w, st.step_dir = p.cap_step_w, 0
         if h.worst > p.high_margin and down < cap - 0.5 and not may_down:
             return (
                 cap,
@@ -542,8 +555,9 @@ class JointController:
         elif bound:
             mode = "budget-bound"
             reasons.append(
-                f"budget {budget_w:.0f} W from {obs.budget.source.value} binds "
-                f"(wanted {sum(wants.values()):.0f} W): split by SLO urgency"
+                f"budget {budget_w:.0f} W from {obs.budget.source.value} binds (wanted "
+                f"{sum(wants.values()):.0f} W, planned within {plan_w:.0f} W: a {guard_w:.0f} W "
+                "guard for the cap loop's overshoot): split by SLO urgency"
             )
         elif obs.servers and len(stale) == len(owner):
             mode = "hold"

@@ -28,6 +28,7 @@ from typing import Any
 from palsd.core.types import Slo
 from palsd.sim.engine import TwinHost
 from palsd.sim.gpu_model import GPU_PRESETS
+from palsd.sim.models import MODEL_PRESETS
 from palsd.sim.workload import (
     DEFAULT_OUTPUT,
     DEFAULT_PROMPT,
@@ -68,6 +69,15 @@ MODELS: dict[str, ModelSetup] = {
         slo=Slo(ttft_s=1.0, ttft_quantile=0.9, itl_s=0.05, itl_quantile=0.9),
     ),
 }
+# Dense presets, where the twin has them: the small one held to the small MoE's SLO, the large
+# one (TP=4) to Mixtral's.
+_DENSE_SLOS = {
+    "dense-8b": Slo(ttft_s=1.0, ttft_quantile=0.9, itl_s=0.05, itl_quantile=0.9),
+    "dense-70b": Slo(ttft_s=2.0, ttft_quantile=0.9, itl_s=0.10, itl_quantile=0.9),
+}
+for _name, _slo in _DENSE_SLOS.items():
+    if _name in MODEL_PRESETS:
+        MODELS[_name] = ModelSetup(model=_name, tp=MODEL_PRESETS[_name].default_tp, slo=_slo)
 
 # Servers are not equally busy: the share of the base rate each one gets, and whether its
 # arrivals are Poisson or bursty (on/off modulated). Cycled over the servers.
@@ -75,6 +85,9 @@ LOAD_SHARES = (1.0, 0.9, 0.8, 0.7)
 ARRIVALS = ("poisson", "bursty", "poisson", "bursty")
 # Bursty servers: bursts at 1.5x their mean for ~10 s, calm spells at 0.875x for ~40 s.
 BURST_HIGH, BURST_LOW, BURST_HIGH_S, BURST_LOW_S = 1.5, 0.875, 10.0, 40.0
+# In the diurnal and mixed scenarios bursts ride on a varying load: 1.2x for ~10 s, 0.95x for
+# ~40 s (mean 1.0), so the peak with its bursts reaches ~95% of capacity.
+SOFT_BURST = (0.95, 1.2, 40.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,7 @@ UTILISATION = {
     "strict": 0.7,
     "demand_response": 0.7,
     "price": 0.6,
-    "diurnal": 0.95,
+    "diurnal": 0.8,
     "mixed": 0.6,
 }
 STRICT_FRAC = 0.1  # strict: every GPU at its floor plus 10% of its range (H100: 250 W)
@@ -206,7 +219,7 @@ def build_scenario(name: str, seed: int) -> Scenario:
         )
     if name == "diurnal":
         # A day compressed into the run: night at 10% of the peak, a morning ramp, a plateau
-        # near 95% of capacity with bursts on the bursty servers, an evening fall.
+        # at 80% of capacity whose bursts (1.2x) reach ~95%, an evening fall.
         shape = ((0.0, 0.1), (0.15, 0.1), (0.4, 1.0), (0.6, 1.0), (0.85, 0.1), (1.0, 0.1))
         return Scenario(
             name,
@@ -340,13 +353,13 @@ def server_workloads(
                 out.append(PoissonWorkload(rate))
             continue
         shape = _Shape(scenario, duration_s, rate, long_factor)
-        bound = rate * peak / min(1.0, long_factor) * (BURST_HIGH if bursty else 1.0) * 1.05
+        bound = rate * peak / min(1.0, long_factor) * (SOFT_BURST[1] if bursty else 1.0) * 1.05
         out.append(
             MixedWorkload(
                 rate_per_s=shape,
                 rate_max_per_s=bound,
                 long_share=long_share_fn(scenario, duration_s),
-                bursts=(BURST_LOW, BURST_HIGH, BURST_LOW_S, BURST_HIGH_S) if bursty else None,
+                bursts=SOFT_BURST if bursty else None,
             )
         )
     return PerServerWorkload(tuple(out))
