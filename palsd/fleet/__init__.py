@@ -1,0 +1,1 @@
+"""The fleet coordinator: moves power between the hosts of one group under the group budget."""
