@@ -327,7 +327,10 @@ class GpuState:
         if power_w <= target and f >= spec.max_clock_mhz:
             return  # the usual case with headroom: nothing to steer
         goal = _solve_clock_mhz(spec, target, bytes_per_s, flops_per_s, f)
-        self.clock_mhz = f + (goal - f) * (1.0 - math.exp(-dt_s / spec.settle_tau_s))
+        f += (goal - f) * (1.0 - math.exp(-dt_s / spec.settle_tau_s))
+        # snap the last fraction of a MHz (the real clock moves in 15 MHz steps) so that a GPU
+        # back under its limit reaches the max clock and leaves the loop
+        self.clock_mhz = goal if abs(goal - f) < 0.5 else f
 
     def observation(self) -> GpuObservation:
         spec = self.spec
