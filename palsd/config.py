@@ -301,6 +301,22 @@ class LoggingConfig(_Section):
 class MqttGroupConfig(_Section):
     topic: str = Field(min_length=1, description="group budget topic, under the prefix")
     share: float = Field(gt=0, le=1, description="this host's share of the group budget")
+    # A fleet coordinator moves this group's power (docs/fleet.md): its allocations arrive on
+    # <group>/alloc/<coordinator>/<host_id>; the share is then only the fallback.
+    coordinators: list[str] = Field(
+        [], description="ids of the coordinators allocating this group (docs/fleet.md)"
+    )
+    hold_s: float = Field(5.0, gt=0, le=3600, description="fleet: group budget memory, s")
+
+    @field_validator("coordinators")
+    @classmethod
+    def _coordinator_ids(cls, value: list[str]) -> list[str]:
+        for c in value:
+            if not c or any(ch in c for ch in "/+#\0") or c != c.strip():
+                raise ValueError(f"coordinator id {c!r} must be one topic level")
+        if len(set(value)) != len(value):
+            raise ValueError("coordinator ids must be unique")
+        return value
 
     @field_validator("topic")
     @classmethod
