@@ -312,17 +312,16 @@ class JointController:
         e_down = self._efficiency(st, now_s, rps, down, host_share_w) if may_down else None
         e_up = self._efficiency(st, now_s, rps, up, host_share_w) if may_up else None
         choice: tuple[float, str] | None = None
-        if may_down and e_down is None:
+        best, best_e = cap, here
+        for c, e in ((down, e_down), (up, e_up)):
+            if e is not None and e > best_e * (1.0 + p.efficiency_eps):
+                best, best_e = c, e
+        if best != cap:
+            choice = (best, f"more tokens/J there ({best_e:.2f} vs {here:.2f})")
+        elif may_down and e_down is None:
             choice = (down, f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)")
         elif may_up and e_up is None:
             choice = (up, f"probing a higher cap ({here:.2f} tokens/J here)")
-        else:
-            best, best_e = cap, here
-            for c, e in ((down, e_down), (up, e_up)):
-                if e is not None and e > best_e * (1.0 + p.efficiency_eps):
-                    best, best_e = c, e
-            if best != cap:
-                choice = (best, f"more tokens/J there ({best_e:.2f} vs {here:.2f})")
         if choice is not None:
             # A line search: the step doubles (up to 4x) while moves go the same way and
             # falls back to the base step when the direction turns.
