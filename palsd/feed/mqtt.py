@@ -47,6 +47,8 @@ from palsd.feed.payload import (
     decode_price,
 )
 from palsd.feed.topics import FeedTopics, Kind, Route
+from palsd.fleet.host_status import with_fleet
+from palsd.fleet.topics import feed_groups, fleet_roles
 from palsd.report.logs import get_logger
 
 # Messages handled per loop iteration at most: about 30 µs each, so a few ms, then the loop
@@ -189,8 +191,9 @@ class MqttFeed:
         self.port = url.port or (8883 if self.use_tls else 1883)
         self.host_id = cfg.host_id or socket.gethostname().split(".")[0]
         self.topics = FeedTopics.build(
-            cfg.topic_prefix, self.host_id, ((g.topic, g.share) for g in cfg.groups)
+            cfg.topic_prefix, self.host_id, feed_groups(cfg.groups, self.host_id)
         )
+        self.fleet_roles = fleet_roles(cfg.topic_prefix, cfg.groups, self.host_id)
         self.client_id = cfg.client_id or f"palsd-{self.host_id}"
         self.metrics = _FeedMetrics(registry)
         self.metrics.budget_age_s.set_function(self._budget_age_s)
@@ -372,7 +375,8 @@ class MqttFeed:
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         while True:
             try:
-                body = json.dumps(self.status_provider(), default=str, separators=(",", ":"))
+                status = with_fleet(self.status_provider(), self.sink, self.clock())
+                body = json.dumps(status, default=str, separators=(",", ":"))
             except Exception as err:  # a bad status must not cost the budget feed
                 self.log.error("mqtt_status_failed", error=repr(err))
             else:
@@ -477,6 +481,7 @@ class MqttFeed:
             set_at=now,
             origin=route.origin,
             seq=msg.seq,
+            fleet=self.fleet_roles.get(route.origin),
         )
         self._count("budget")
         self._last_budget_at = now
