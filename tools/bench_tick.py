@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from palsd.act.batch_actuator import BatchActuator
+from palsd.act.memory import MemoryBatchPort
 from palsd.act.originals import OriginalsStore
 from palsd.act.power import PowerActuator
 from palsd.core.budget import BudgetBook
@@ -36,6 +38,7 @@ from palsd.core.types import (
 from palsd.report.logs import configure_logging, get_logger
 from palsd.report.metrics import Metrics
 from palsd.runtime.daemon import Daemon, ServerLink
+from palsd.sense.scraper import ServerScraper
 
 N = 8
 SLO = Slo(ttft_s=2.0, itl_s=0.1)
@@ -101,6 +104,7 @@ class Host:
 
 
 class Signals:
+    url = "http://memory/metrics"
     stale_reason = None
 
     def __init__(self, seed: int) -> None:
@@ -110,29 +114,46 @@ class Signals:
         return signals(self.rng)
 
 
-class Batch:
-    async def get(self):
-        return type("S", (), {"limit": 64, "max_num_seqs": 256})()
-
-    async def set(self, limit: int):
-        return type("S", (), {"limit": limit, "max_num_seqs": 256})()
-
-
 async def bench_tick(ticks: int, state_dir: Path) -> list[float]:
+    """The tick alone: scrapes and batch-limit calls are tasks of their own in the daemon, so
+    here each server is scraped and read once beforehand, and the tick reads what they hold."""
     configure_logging("info", "json", stream=io.StringIO())
     log = get_logger()
     host = Host()
     metrics = Metrics()
-    links = [ServerLink(f"s{i}", f"http://s{i}", (i,), SLO, Signals(i), Batch()) for i in range(N)]
+    actuator = PowerActuator(host, OriginalsStore(state_dir), metrics, log, False)
+    links = [
+        ServerLink(
+            f"s{i}",
+            f"http://s{i}",
+            (i,),
+            SLO,
+            ServerScraper(Signals(i), 60.0),
+            BatchActuator(
+                f"s{i}",
+                f"http://s{i}",
+                MemoryBatchPort(64, 256),
+                log=log,
+                metrics=metrics,
+                record_original=actuator.record_server,
+                dry_run=False,
+                poll_s=60.0,
+            ),
+        )
+        for i in range(N)
+    ]
+    for link in links:
+        await link.scraper.scrape()
+        await link.batch.step()
     daemon = Daemon(
         backend=host,
-        actuator=PowerActuator(host, OriginalsStore(state_dir), metrics, log, False),
+        actuator=actuator,
         controller=JointController(),
         servers=links,
         book=BudgetBook(default_w=3000),
         metrics=metrics,
         log=log,
-        period_s=0.5,
+        period_s=60.0,
     )
     costs = []
     for _ in range(ticks):

@@ -15,18 +15,22 @@ from typing import Any
 
 import httpx
 
+from palsd.core.types import BatchControl
 from palsd.errors import PalsdError
 
 BATCH_LIMIT_PATH = "/pals/v1/batch-limit"
 
 
 class BatchLimitError(PalsdError):
-    """A batch-limit call failed; `reason` is a short label for metrics and logs."""
+    """A batch-limit call failed; `reason` is a short label for metrics and logs, `control`
+    what it says about palsd's control of the server's batch limit."""
 
     reason = "error"
+    control = BatchControl.UNREACHABLE
 
     def __init__(self, url: str, message: str) -> None:
         self.url = url
+        self.detail = message
         super().__init__(f"batch limit at {url}: {message}")
 
 
@@ -40,12 +44,26 @@ class BatchLimitUnauthorized(BatchLimitError):
     """401/403: the bearer token is missing or does not match the plugin's."""
 
     reason = "unauthorized"
+    control = BatchControl.UNAUTHORISED
 
 
 class BatchLimitUnavailable(BatchLimitError):
-    """Unreachable, timed out, endpoint absent (plugin not loaded) or a malformed answer."""
+    """Unreachable, timed out, a 5xx or a malformed answer."""
 
     reason = "unavailable"
+
+
+class BatchLimitPluginMissing(BatchLimitUnavailable):
+    """404/405: no batch-limit endpoint (palsd's plugin is not loaded in vLLM)."""
+
+    control = BatchControl.PLUGIN_MISSING
+
+
+class BatchLimitEnginePluginMissing(BatchLimitUnavailable):
+    """501: the endpoint exists but the engine half of the plugin is not loaded (or vLLM lacks
+    the scheduler hook)."""
+
+    control = BatchControl.ENGINE_PLUGIN_MISSING
 
 
 @dataclass(frozen=True)
@@ -103,18 +121,11 @@ class BatchLimitClient:
         self._timeout_s = timeout_s
         self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
-        self.last_error: BatchLimitError | None = None
 
-    async def get(self) -> BatchLimitState | None:
-        """The current state, or None (the reason in `last_error`). One attempt: the next
-        tick asks again, so retrying here would only delay the loop."""
-        try:
-            state = await self._call("GET", None, attempts=1)
-        except BatchLimitError as e:
-            self.last_error = e
-            return None
-        self.last_error = None
-        return state
+    async def get(self) -> BatchLimitState:
+        """The server's current state. One attempt: the caller polls again, so retrying here
+        would only delay it. Raises a BatchLimitError subclass naming the problem."""
+        return await self._call("GET", None, attempts=1)
 
     async def set(self, limit: int) -> BatchLimitState:
         """Set the live admission limit; answers the state after the change.
@@ -122,13 +133,7 @@ class BatchLimitClient:
         Retries transport errors and 5xx with exponential backoff, `attempts` times in all;
         a 4xx is final. Raises a BatchLimitError subclass naming the problem.
         """
-        try:
-            state = await self._call("PUT", {"limit": limit}, attempts=self._attempts)
-        except BatchLimitError as e:
-            self.last_error = e
-            raise
-        self.last_error = None
-        return state
+        return await self._call("PUT", {"limit": limit}, attempts=self._attempts)
 
     async def _call(
         self, method: str, body: dict[str, int] | None, attempts: int
@@ -164,9 +169,9 @@ class BatchLimitClient:
                 self.url, f"HTTP {code}: {_error_text(resp)} (check the token on both sides)"
             )
         if code == 501:
-            raise BatchLimitUnavailable(self.url, f"HTTP 501: {_error_text(resp)}")
+            raise BatchLimitEnginePluginMissing(self.url, f"HTTP 501: {_error_text(resp)}")
         if code in (404, 405):
-            raise BatchLimitUnavailable(
+            raise BatchLimitPluginMissing(
                 self.url,
                 f"HTTP {code}: no batch-limit endpoint (is palsd installed in vLLM's "
                 "environment and named in VLLM_PLUGINS?)",

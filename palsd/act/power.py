@@ -13,9 +13,9 @@ restore` has what it needs for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from palsd.act.originals import Originals, OriginalsStore
@@ -30,6 +30,7 @@ from palsd.sense.gpu import GpuBackend
 class WriteResult:
     applied: dict[int, float]
     failed: dict[int, str]
+    held: dict[int, float] = field(default_factory=dict)  # raises not written (may_raise said no)
 
 
 class PowerActuator:
@@ -113,11 +114,19 @@ class PowerActuator:
         self._gpus[index] = replace(self._gpus[index], power_limit_w=watts)
         return None
 
-    def apply(self, writes: Sequence[tuple[int, float]]) -> WriteResult:
-        """Write every lowering at once, then every raise at once: the applied sum never
-        passes through a state above both the old and the new one, and a budget cut costs one
-        set-call latency rather than one per GPU. A failed write is counted and logged; the
-        rest still go out, since each lowering keeps the host safe."""
+    def apply(
+        self,
+        writes: Sequence[tuple[int, float]],
+        may_raise: Callable[[], bool] | None = None,
+    ) -> WriteResult:
+        """Write every lowering at once, then the raises: the applied sum never passes through
+        a state above both the old and the new one, and a budget cut costs one set-call latency
+        rather than one per GPU. A failed write is counted and logged; the rest still go out,
+        since each lowering keeps the host safe.
+
+        With `may_raise`, raises go out one at a time and each only while it still answers
+        True (asked just before the write, from this thread): a budget that arrived during the
+        writes stops the raises not yet sent, which are reported as `held`."""
         applied: dict[int, float] = {}
         failed: dict[int, str] = {}
         plan: list[tuple[int, float]] = []
@@ -140,7 +149,24 @@ class PowerActuator:
         plan = [(i, w) for i, w in plan if i in recorded]
         lowers = [(i, w) for i, w in plan if w < self._gpus[i].power_limit_w]
         raises = [(i, w) for i, w in plan if w >= self._gpus[i].power_limit_w]
+        held: dict[int, float] = {}
+        if may_raise is not None:
+            self._write_phase(lowers, applied, failed)
+            for index, watts in raises:
+                if not may_raise():
+                    held[index] = watts
+                    continue
+                self._write_phase([(index, watts)], applied, failed)
+            return WriteResult(applied, failed, held)
         for phase in (lowers, raises):
+            self._write_phase(phase, applied, failed)
+        return WriteResult(applied, failed)
+
+    def _write_phase(
+        self, phase: list[tuple[int, float]], applied: dict[int, float], failed: dict[int, str]
+    ) -> None:
+        """Write `phase` at once (in parallel), noting each outcome."""
+        if phase:
             if len(phase) == 1:
                 errors = [self._write_one(*phase[0])]
             else:
@@ -150,6 +176,46 @@ class PowerActuator:
                     applied[index] = watts
                 else:
                     failed[index] = error
+
+    def restore(self, targets_w: dict[int, float]) -> WriteResult:
+        """Put recorded limits back (exit, start-up after a crash, `palsd restore`): read the
+        GPUs afresh, clamp, count, lowerings first so a mix never overshoots in between, and a
+        limit already in place (within 0.5 W) is not written. Records nothing: these are the
+        originals. A failed write is logged and reported; the rest still go back."""
+        fresh = True
+        try:
+            self.know(self._backend.read_all())
+        except GpuError as err:
+            fresh = False  # then write every target: what is in force is not known
+            self._log.warning("gpu_read_failed_before_restore", error=str(err))
+        applied: dict[int, float] = {}
+        failed: dict[int, str] = {}
+        plan: list[tuple[int, float]] = []
+        for index, watts in targets_w.items():
+            gpu = self._gpus.get(index)
+            if gpu is not None:
+                if fresh and abs(gpu.power_limit_w - watts) <= 0.5:
+                    applied[index] = watts
+                    continue
+                watts = clamp_limit_w(watts, gpu)
+            plan.append((index, watts))
+        now = {i: g.power_limit_w for i, g in self._gpus.items()}
+        plan.sort(key=lambda item: item[1] - now.get(item[0], item[1]))
+        self._metrics.limit_writes.inc(len(plan))
+        for index, watts in plan:
+            try:
+                self._backend.set_power_limit_w(index, watts)
+            except GpuError as err:
+                self._metrics.actuation_errors.labels("power", type(err).__name__).inc()
+                self._log.error(
+                    "power_limit_restore_failed", gpu=index, limit_w=watts, error=str(err)
+                )
+                failed[index] = str(err)
+                continue
+            if index in self._gpus:
+                self._gpus[index] = replace(self._gpus[index], power_limit_w=watts)
+            self._log.info("power_limit_restored", gpu=index, limit_w=watts)
+            applied[index] = watts
         return WriteResult(applied, failed)
 
     def _pool(self) -> ThreadPoolExecutor:

@@ -8,16 +8,19 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from palsd.act.originals import OriginalsStore
+from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
 from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, PalsdConfig, load_config
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
+from palsd.report.metrics import Metrics
 from palsd.runtime.instance_lock import claim
-from palsd.runtime.wiring import make_backend, make_server_links
+from palsd.runtime.wiring import make_backend, make_batch_ports
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +58,12 @@ def _restore(cfg: PalsdConfig) -> int:
     async def restore() -> None:
         async with httpx.AsyncClient() as client:
             try:
-                ports = {link.name: link.batch for link in make_server_links(cfg, client)}
+                ports: dict[str, Any] = dict(make_batch_ports(cfg, client))
             except OSError as err:  # e.g. an unreadable admin token: still put the GPUs back
                 log.error("batch_restore_unavailable", error=str(err))
                 ports = {}
-            await put_back(originals, store, backend, ports, log)
+            actuator = PowerActuator(backend, store, Metrics(), log, dry_run=False)
+            await put_back(originals, store, actuator, ports, log)
 
     try:
         asyncio.run(restore())

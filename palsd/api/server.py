@@ -16,7 +16,8 @@ The rules of this file (the API faces every local user, so it assumes some are h
   so a flood of idle connections never exhausts palsd's file descriptors.
 - A change whose client has already gone (closed its end while the request waited) is not
   applied: nobody asked for it any more.
-- The server talks to the daemon through ApiPort, a small protocol, not Daemon's internals.
+- The server talks to the daemon through DaemonControl (palsd/runtime/control.py), a small
+  protocol, not Daemon's internals.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from palsd.api.auth import peer_of, token_ok, uid_may_change
 from palsd.core.budget import BudgetEntry
-from palsd.core.types import BudgetInForce
+from palsd.runtime.control import DaemonControl
 from palsd.runtime.instance_lock import StartRefused
 
 LOG_EVERY_S = 10.0
@@ -52,36 +53,6 @@ class ApiLimits:
     max_connections_per_peer: int = 32
     max_connections: int = 256
     max_header_bytes: int = 4096
-
-
-class _Recorder(Protocol):
-    @property
-    def record_problem(self) -> str | None: ...
-
-
-class ApiPort(Protocol):
-    """What the API needs from the daemon."""
-
-    @property
-    def metrics(self) -> Any: ...
-
-    @property
-    def log(self) -> Any: ...
-
-    @property
-    def period_s(self) -> float: ...
-
-    @property
-    def last_tick_at(self) -> float | None: ...
-
-    @property
-    def actuator(self) -> _Recorder: ...
-
-    def clock(self) -> float: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-    def set_override(self, entry: BudgetEntry | None) -> BudgetInForce: ...
 
 
 class OverrideRequest(BaseModel):
@@ -279,7 +250,7 @@ class _GuardedHandler(RequestHandler):
 class ApiServer:
     def __init__(
         self,
-        daemon: ApiPort,
+        daemon: DaemonControl,
         socket_path: Path,
         admin_group: str | None,
         tcp: tuple[str, int] | None = None,
@@ -381,24 +352,11 @@ class ApiServer:
         return _error(status, reason, message)
 
     async def get_status(self, request: web.Request) -> web.Response:
-        body = self.daemon.status()
-        body["state_record_problem"] = self.daemon.actuator.record_problem
-        return web.json_response(body)
+        return web.json_response(self.daemon.status())
 
     async def get_health(self, request: web.Request) -> web.Response:
-        last = self.daemon.last_tick_at
-        age = None if last is None else max(0.0, self.daemon.clock() - last)
-        ok = age is not None and age < max(5.0, 5 * self.daemon.period_s)
-        problem = self.daemon.actuator.record_problem
-        return web.json_response(
-            {
-                "ok": ok,
-                "last_tick_age_s": age,
-                "state_record_ok": problem is None,
-                "state_record_problem": problem,
-            },
-            status=200 if ok else 503,
-        )
+        health = self.daemon.health()
+        return web.json_response(health, status=200 if health["ok"] else 503)
 
     async def put_override(self, request: web.Request) -> web.Response:
         refused = self._authorised(request)
@@ -436,7 +394,7 @@ class ApiServer:
             )
         if _client_gone(request):
             return self._refuse("client_gone", "the client closed the connection; not applied")
-        now = self.daemon.clock()
+        now = self.daemon.now()
         entry = BudgetEntry(
             watts=body.budget_w,
             expires_at=None if body.ttl_s is None else now + body.ttl_s,

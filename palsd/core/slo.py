@@ -63,3 +63,15 @@ def describe(h: Headroom) -> str:
         if value is not None:
             parts.append(f"{label} {value:+.0%}")
     return ", ".join(parts) if parts else "no latency samples"
+
+
+def slo_met(slo: Slo, signals: ServerSignals | None) -> bool | None:
+    """The one definition of "SLO met", for the controller, status and metrics alike.
+
+    None without fresh signals (nothing is known); otherwise True when no measured target has
+    negative headroom. A target with no sample in the window is not measured, and a throughput
+    floor only counts while there is demand (requests running or waiting): see `headroom`.
+    """
+    if signals is None:
+        return None
+    return headroom(slo, signals).meets()

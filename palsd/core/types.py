@@ -95,6 +95,7 @@ class ServerObservation:
     max_num_seqs: int | None
     batch_control: BatchControl = BatchControl.OK
     batch_control_reason: str | None = None  # why batch control is not OK, for reasons/status
+    stale_reason: str | None = None  # why `signals` is None, when it is
 
     @property
     def batch_controllable(self) -> bool:

@@ -6,7 +6,20 @@ so tests and several daemons in one process never share state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import suppress
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from palsd.core.slo import slo_met
+from palsd.core.types import (
+    BatchControl,
+    BudgetInForce,
+    BudgetSource,
+    Decision,
+    GpuObservation,
+    ServerObservation,
+)
 
 
 class Metrics:
@@ -89,7 +102,17 @@ class Metrics:
         s = ["server"]
         self.server_up = Gauge("palsd_server_up", "1 when the last scrape worked", s, registry=r)
         self.server_batch_limit = Gauge(
-            "palsd_server_batch_limit", "live batch limit", s, registry=r
+            "palsd_server_batch_limit",
+            "batch limit as the server last reported it (absent while unknown)",
+            s,
+            registry=r,
+        )
+        self.server_batch_control = Gauge(
+            "palsd_server_batch_control",
+            "1 for the state of palsd's control of the server's batch limit "
+            "(ok, plugin_missing, engine_plugin_missing, unauthorised, unreachable, unknown)",
+            ["server", "state"],
+            registry=r,
         )
         self.server_running = Gauge(
             "palsd_server_requests_running", "running requests", s, registry=r
@@ -123,3 +146,68 @@ class Metrics:
         self.config_reloads = Counter(
             "palsd_config_reloads_total", "SIGHUP reloads", ["result"], registry=r
         )
+
+    # ---- updates: what each step of the daemon reports ----
+
+    def report_budget(self, budget: BudgetInForce) -> None:
+        self.budget_w.set(float("nan") if budget.effective_w is None else budget.effective_w)
+        for source in BudgetSource:
+            self.budget_source.labels(source.value).set(1 if source == budget.source else 0)
+        self.fallback_active.set(1 if budget.source == BudgetSource.FALLBACK else 0)
+
+    def report_tick_time(self, elapsed_s: float, period_s: float) -> None:
+        self.tick_s.observe(elapsed_s)
+        if elapsed_s > period_s:
+            self.tick_overruns.inc()
+
+    def report_tick(
+        self,
+        budget: BudgetInForce,
+        decision: Decision,
+        gpus: Sequence[GpuObservation],
+        servers: Sequence[ServerObservation],
+        at_s: float,
+    ) -> float:
+        """Everything one completed tick shows; answers the host's summed averaged power."""
+        self.report_budget(budget)
+        self.decisions.labels(decision.mode).inc()
+        self.budget_infeasible.set(1 if decision.infeasible else 0)
+        for g in gpus:
+            label = str(g.index)
+            if g.power_w is not None:
+                self.gpu_power_w.labels(label).set(g.power_w)
+            if g.power_instant_w is not None:
+                self.gpu_power_instant_w.labels(label).set(g.power_instant_w)
+            if g.energy_j is not None:
+                self.gpu_energy_j.labels(label).set(g.energy_j)
+            self.gpu_limit_w.labels(label).set(g.power_limit_w)
+            self.gpu_min_limit_w.labels(label).set(g.min_limit_w)
+            self.gpu_max_limit_w.labels(label).set(g.max_limit_w)
+        self.limit_sum_w.set(sum(g.power_limit_w for g in gpus))
+        power_w = sum(g.power_w or 0.0 for g in gpus)
+        self.power_sum_w.set(power_w)
+        tokens_per_s = 0.0
+        for s in servers:
+            self.server_up.labels(s.name).set(0 if s.signals is None else 1)
+            if s.batch_limit is not None:
+                self.server_batch_limit.labels(s.name).set(s.batch_limit)
+            else:
+                # Unknown is shown as absent, never as the last value palsd saw or wanted.
+                with suppress(KeyError):
+                    self.server_batch_limit.remove(s.name)
+            for state in BatchControl:
+                self.server_batch_control.labels(s.name, state.value).set(
+                    1 if state is s.batch_control else 0
+                )
+            if s.signals is not None:
+                self.server_running.labels(s.name).set(s.signals.running)
+                self.server_waiting.labels(s.name).set(s.signals.waiting)
+                self.server_gen_tps.labels(s.name).set(s.signals.generation_tokens_per_s)
+                tokens_per_s += s.signals.generation_tokens_per_s
+            met = slo_met(s.slo, s.signals)
+            if met is not None:
+                self.server_slo_met.labels(s.name).set(1 if met else 0)
+        if power_w > 0:
+            self.tokens_per_joule.set(tokens_per_s / power_w)
+        self.last_tick_ts.set(at_s)
+        return power_w

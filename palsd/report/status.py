@@ -6,32 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from palsd.core.types import BudgetInForce, Decision, GpuObservation, ServerObservation, Slo
+from palsd.core.slo import slo_met
+from palsd.core.types import BudgetInForce, Decision, GpuObservation, ServerObservation
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def slo_met(server: ServerObservation) -> bool | None:
-    """Whether the windowed quantiles meet the server's SLO; None without fresh data."""
-    sig = server.signals
-    if sig is None:
-        return None
-    checks: list[bool] = []
-    slo: Slo = server.slo
-    for target, quantiles, q in (
-        (slo.ttft_s, sig.ttft_s, slo.ttft_quantile),
-        (slo.itl_s, sig.itl_s, slo.itl_quantile),
-    ):
-        if target is None:
-            continue
-        value = {0.5: quantiles.p50, 0.9: quantiles.p90, 0.99: quantiles.p99}[q]
-        if value is not None:
-            checks.append(value <= target)
-    if slo.min_generation_tokens_per_s is not None and sig.waiting > 0:
-        checks.append(sig.generation_tokens_per_s >= slo.min_generation_tokens_per_s)
-    return all(checks)
 
 
 def gpu_status(g: GpuObservation) -> dict[str, Any]:
@@ -51,22 +31,27 @@ def gpu_status(g: GpuObservation) -> dict[str, Any]:
     }
 
 
-def server_status(s: ServerObservation, stale_reason: str | None) -> dict[str, Any]:
+def server_status(s: ServerObservation, batch_limit_wanted: int | None) -> dict[str, Any]:
+    """`batch_limit` is what the server itself reported; `batch_limit_wanted` what palsd's
+    controller asked for (the two differ while a write is on its way or refused)."""
     sig = s.signals
     out: dict[str, Any] = {
         "name": s.name,
         "url": s.url,
         "gpus": list(s.gpu_indices),
         "up": sig is not None,
-        "stale_reason": stale_reason,
+        "stale_reason": s.stale_reason,
         "running": None if sig is None else sig.running,
         "waiting": None if sig is None else sig.waiting,
         "batch_limit": s.batch_limit,
+        "batch_limit_wanted": batch_limit_wanted,
         "max_num_seqs": s.max_num_seqs,
+        "batch_control": s.batch_control.value,
+        "batch_control_reason": s.batch_control_reason,
         "generation_tokens_per_s": None if sig is None else _round(sig.generation_tokens_per_s),
         "requests_per_s": None if sig is None else _round(sig.requests_per_s),
         "kv_cache_usage": None if sig is None else _round(sig.kv_cache_usage),
-        "slo_met": slo_met(s),
+        "slo_met": slo_met(s.slo, sig),
     }
     if sig is not None:
         for key, q in (("ttft_s", sig.ttft_s), ("itl_s", sig.itl_s), ("e2e_s", sig.e2e_s)):
@@ -102,8 +87,9 @@ def decision_status(d: Decision | None, at: float | None) -> dict[str, Any] | No
 def build_status(
     *,
     gpus: Sequence[GpuObservation],
+    gpu_stale_reason: str | None,
     servers: Sequence[ServerObservation],
-    stale_reasons: Mapping[str, str | None],
+    batch_limits_wanted: Mapping[str, int | None],
     budget: BudgetInForce,
     decision: Decision | None,
     decided_at: float | None,
@@ -115,7 +101,9 @@ def build_status(
     infeasible = bool(decision and decision.infeasible)
     status: dict[str, Any] = {
         "gpus": [gpu_status(g) for g in gpus],
-        "servers": [server_status(s, stale_reasons.get(s.name)) for s in servers],
+        # Why the GPUs shown are not from this tick's read (None: they are).
+        "gpu_stale_reason": gpu_stale_reason,
+        "servers": [server_status(s, batch_limits_wanted.get(s.name)) for s in servers],
         "budget": budget_status(budget, infeasible),
         "power": {
             "sum_power_w": _round(sum(g.power_w or 0.0 for g in gpus), 1),

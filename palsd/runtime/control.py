@@ -29,8 +29,8 @@ class DaemonControl(Protocol):
         ...
 
     def health(self) -> dict[str, Any]:
-        """{"ok": bool, "last_tick_age_s": float | None, "problems": [str]}: ok while the
-        control loop completes ticks and nothing stops palsd from acting safely."""
+        """{"ok", "last_tick_age_s", "state_record_ok", "state_record_problem"}: ok while the
+        control loop completes ticks."""
         ...
 
     def set_override(self, entry: BudgetEntry | None) -> BudgetInForce:

@@ -1,65 +1,60 @@
-"""The daemon's tick: sense -> decide -> act -> report, every control period.
+"""The daemon: the one owner of every background task, and a tick that only sequences
+sense -> decide -> act -> report.
 
-Also the budget entry points (local override, facility feed): a budget that lowers what is
-allowed is enforced on arrival from the last known limits, without waiting for the next tick.
+Rules of this file:
+- Every task (scrapers, batch actuators, budget enforcement, the tick, and what the caller
+  spawns: API, metrics, MQTT feed) runs in the one TaskGroup this async context manager owns.
+  Leaving it cancels and awaits them all, then restores under the act lock through the power
+  actuator, so nothing can write after or during the restore.
+- The tick never awaits a server: scrapers and batch actuators are tasks of their own and the
+  tick reads what they hold. The GPU read has a deadline. Only a completed tick feeds the
+  systemd watchdog.
+- Every power-limit write happens under the act lock, fitted to the budget in force at that
+  moment. A lower budget is enforced at once by the budget task (coalesced: at most one
+  enforcement pending, always for the newest budget); a raise is written only by a tick that
+  started after the newest budget arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
+from palsd.act.batch_actuator import BatchActuator
 from palsd.act.power import PowerActuator
 from palsd.core.budget import BudgetBook, BudgetEntry
 from palsd.core.safety import fit_to_budget, order_writes
 from palsd.core.types import (
     BudgetInForce,
-    BudgetSource,
     Controller,
     Decision,
     GpuObservation,
     Observation,
     ServerObservation,
-    ServerSignals,
     Slo,
 )
-from palsd.errors import GpuError, PalsdError
+from palsd.errors import GpuError
 from palsd.report.metrics import Metrics
-from palsd.report.status import build_status, slo_met
+from palsd.report.status import build_status
 from palsd.runtime.notify import Notifier
 from palsd.sense.gpu import GpuBackend
-
-
-class SignalSource(Protocol):
-    stale_reason: str | None
-
-    async def poll(self, now_s: float) -> ServerSignals | None: ...
-
-
-class BatchPort(Protocol):
-    async def get(self) -> Any: ...  # BatchLimitState | None
-
-    async def set(self, limit: int) -> Any: ...
+from palsd.sense.scraper import GpuReader, ServerScraper
 
 
 @dataclass
 class ServerLink:
-    """Everything the daemon holds for one configured server."""
+    """One configured server: its scrape task (sense) and its batch-limit task (act)."""
 
     name: str
     url: str
     gpu_indices: tuple[int, ...]
     slo: Slo
-    signals: SignalSource
-    batch: BatchPort
-    min_batch_limit: int = 1
-    max_batch_limit: int | None = None
-    batch_limit: int | None = None
-    max_num_seqs: int | None = None
-    batch_task: asyncio.Task[None] | None = None
+    scraper: ServerScraper
+    batch: BatchActuator
 
 
 class Daemon:
@@ -76,31 +71,70 @@ class Daemon:
         period_s: float,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
-        on_batch_original: Callable[[str, str, int], None] | None = None,
+        restore: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        self.backend = backend
-        self.actuator = actuator
-        self.controller = controller
-        self.servers = list(servers)
-        self.book = book
-        self.metrics = metrics
-        self.log = log
-        self.period_s = period_s
+        self.actuator, self.controller, self.servers = actuator, controller, list(servers)
+        self.book, self.metrics, self.log, self.clock = book, metrics, log, clock
         self.notifier = notifier or Notifier("")
-        self.clock = clock
-        self._on_batch_original = on_batch_original
-        self._wake = asyncio.Event()
+        self._restore = restore
+        self._reader = GpuReader(backend)
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._act_lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # more room: the next tick may start early
+        self._cut = asyncio.Event()  # a lower budget waits for enforcement
+        self._cut_arrived: float | None = None
+        self._budget_seq = 0  # bumped by every budget change
+        self._written_at = float("-inf")  # time.monotonic() when the last write returned
+        self._closing = False
         self.gpus: tuple[GpuObservation, ...] = ()
+        self.gpu_stale_reason: str | None = "not read yet"
         self.server_obs: tuple[ServerObservation, ...] = ()
         self.decision: Decision | None = None
         self.decided_at: float | None = None
         self.last_tick_at: float | None = None
         self.price_per_mwh: float | None = None
         self.status_extra: dict[str, Callable[[], Any]] = {}
-        self._ready = False
+        self.set_period(period_s)
 
-    # ---- budget entry points (called on the event loop) ----
+    # ---- lifetime: one TaskGroup ----
+
+    async def __aenter__(self) -> Daemon:
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        for link in self.servers:
+            self.spawn(f"scrape:{link.name}", link.scraper.run())
+            self.spawn(f"batch:{link.name}", link.batch.run())
+        self.spawn("budget", self._enforce_cuts())
+        self.spawn("tick", self._tick_loop())
+        return self
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        assert self._tg is not None, "spawn inside `async with daemon`"
+        self._tasks[name] = task = self._tg.create_task(coro, name=name)
+        return task
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._closing = True  # a budget arriving from here on is recorded, never enforced
+        self.notifier.stopping()
+        for task in self._tasks.values():
+            task.cancel()
+        try:
+            assert self._tg is not None
+            await self._tg.__aexit__(*exc)
+        finally:
+            self._reader.cancel()
+            async with self._act_lock:
+                if self._restore is not None:
+                    await self._restore()
+
+    def set_period(self, period_s: float) -> None:
+        self.period_s = period_s
+        self.gpu_deadline_s = 0.6 * period_s  # leaves the rest of the period to decide and act
+        for link in self.servers:
+            link.scraper.period_s = link.batch.poll_s = period_s
+
+    # ---- budget entry points (on the event loop; the feed and the API call them) ----
 
     def budget(self) -> BudgetInForce:
         return self.book.in_force(self.clock())
@@ -119,113 +153,158 @@ class Daemon:
         self._change_budget(replace(self.book, default_w=default_w, fallback_w=fallback_w))
 
     def _change_budget(self, book: BudgetBook) -> None:
-        arrived = time.perf_counter()
         self.book = book
+        self._budget_seq += 1  # from now on, no tick that started earlier may raise a limit
         budget = self.budget()
-        self._report_budget(budget)
-        current = sum(g.power_limit_w for g in self.gpus)
-        if budget.effective_w is not None and self.gpus and current > budget.effective_w:
-            task = asyncio.get_running_loop().create_task(self._enforce_now(budget, arrived))
-            task.add_done_callback(_log_task_failure(self.log))
+        self.metrics.report_budget(budget)
+        if self._closing:
+            return
+        if budget.effective_w is not None and sum(self._limits_w().values()) > budget.effective_w:
+            if self._cut_arrived is None:
+                self._cut_arrived = time.perf_counter()
+            self._cut.set()
         else:
-            # More room (or none needed): let the controller use it at once. A cut is
-            # enforced above; an extra tick now would only compete with it for the CPU.
-            self._wake.set()
+            self._wake.set()  # a cut is enforced by itself; an early tick would compete with it
 
-    async def _enforce_now(self, budget: BudgetInForce, arrived: float) -> None:
+    async def _enforce_cuts(self) -> None:
+        while True:
+            await self._cut.wait()
+            await self.enforce_cut()
+
+    async def enforce_cut(self) -> None:
+        """Fit the limits in force to the newest budget (at most one enforcement pending)."""
+        self._cut.clear()
+        arrived, self._cut_arrived = self._cut_arrived, None
         async with self._act_lock:
-            fitted = fit_to_budget(
-                {g.index: g.power_limit_w for g in self.gpus}, self.gpus, budget.effective_w
-            )
-            writes = order_writes({g.index: g.power_limit_w for g in self.gpus}, fitted.limits_w)
-            await self._write(writes, "budget", budget, arrived)
-        self.metrics.enforce_s.observe(time.perf_counter() - arrived)
+            await self._write(self._limits_w(), "budget", self._budget_seq, arrived)
+        if arrived is not None:
+            self.metrics.enforce_s.observe(time.perf_counter() - arrived)
 
     # ---- the tick ----
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            started = time.perf_counter()
+    async def _tick_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            self._wake.clear()
             try:
                 await self.tick()
             except Exception as err:  # a tick must never take the daemon down
                 self.log.exception("tick_failed", error=str(err))
-            elapsed = time.perf_counter() - started
-            self.metrics.tick_s.observe(elapsed)
-            if elapsed > self.period_s:
-                self.metrics.tick_overruns.inc()
-            self._wake.clear()
-            timeout = max(0.0, self.period_s - elapsed)
-            now = self.clock()
-            expiry = self.book.next_expiry(now)
-            if expiry is not None:
-                # A budget that expires may hand over to a lower one (facility -> fallback):
-                # tick right then rather than up to a period later.
-                timeout = min(timeout, max(0.0, expiry - now))
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            _, pending = await asyncio.wait(
-                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            for p in pending:
-                p.cancel()
+            self.metrics.report_tick_time(time.monotonic() - started, self.period_s)
+            await self._until_next_tick(started)
 
-    async def tick(self) -> None:
+    async def _until_next_tick(self, started: float) -> None:
         now = self.clock()
-        gpus_task = asyncio.create_task(asyncio.to_thread(self.backend.read_all))
-        servers = await asyncio.gather(*(self._sense_server(s, now) for s in self.servers))
+        timeout = self.period_s - (time.monotonic() - started)
+        expiry = self.book.next_expiry(now)
+        if expiry is not None:  # may hand over to a lower budget: tick right then
+            timeout = min(timeout, expiry - now)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
+        # Woken early by more room: still at most four ticks a period, whatever arrives.
+        await asyncio.sleep(max(0.0, started + self.period_s / 4 - time.monotonic()))
+
+    async def tick(self) -> bool:
+        """One pass; False when the GPUs could not be read (limits held, nothing decided)."""
+        seq, now = self._budget_seq, self.clock()
+        gpus = await self._sense_gpus()  # the only await before acting, and it has a deadline
+        if gpus is None:
+            return False
+        servers = tuple(self._sense_server(link, old) for link, old in self._pairs())
+        budget = self.budget()
+        decision = self._guard(
+            self.controller.decide(Observation(now, gpus, servers, budget, self.price_per_mwh)),
+            gpus,
+            budget,
+        )
+        async with self._act_lock:
+            await self._write(decision.power_limits_w, "tick", seq)
+        for link in self.servers:  # each server's task writes it, off the tick
+            link.batch.want(decision.batch_limits.get(link.name))
+        self.server_obs, self.decision, self.decided_at = servers, decision, now
+        self._report(budget, decision)
+        return True
+
+    async def _sense_gpus(self) -> tuple[GpuObservation, ...] | None:
         try:
-            gpus = tuple(await gpus_task)
+            gpus = await self._reader.read(self.gpu_deadline_s)
         except GpuError as err:
+            self.gpu_stale_reason = str(err)
             self.metrics.sense_errors.labels("gpu").inc()
             self.log.error("gpu_read_failed", error=str(err), action="holding last limits")
-            return
-        self.gpus = gpus
-        self.actuator.know(gpus)
-        self.server_obs = tuple(servers)
-        budget = self.budget()
-        obs = Observation(now, gpus, self.server_obs, budget, self.price_per_mwh)
-        decision = self.controller.decide(obs)
-        # The last guard: whatever the controller says, the safety rules hold.
-        fitted = fit_to_budget(decision.power_limits_w, gpus, budget.effective_w)
-        if fitted.limits_w != dict(decision.power_limits_w) or fitted.infeasible:
-            decision = replace(
-                decision,
-                power_limits_w=fitted.limits_w,
-                infeasible=fitted.infeasible,
-                mode="infeasible" if fitted.infeasible else decision.mode,
+            return None
+        if self._reader.started_at < self._written_at:
+            # A write returned after this read began: the limits palsd knows are newer.
+            known = self._limits_w()
+            gpus = tuple(
+                replace(g, power_limit_w=known.get(g.index, g.power_limit_w)) for g in gpus
             )
-        self.decision, self.decided_at = decision, now
-        self.metrics.decisions.labels(decision.mode).inc()
-        async with self._act_lock:
-            current = {g.index: g.power_limit_w for g in self.gpus}
-            await self._write(order_writes(current, decision.power_limits_w), "tick", budget)
-        self._act_batch(decision.batch_limits)
-        self._report(budget, decision)
-        self.last_tick_at = self.clock()
-        self.metrics.last_tick_ts.set(self.last_tick_at)
-        summary = f"budget {budget.effective_w} W ({budget.source.value}), mode {decision.mode}"
-        if not self._ready:
-            self._ready = True
-            self.notifier.ready(summary)
-        else:
-            self.notifier.watchdog(summary)
+        self.gpus, self.gpu_stale_reason = gpus, None
+        self.actuator.know(gpus)
+        return gpus
+
+    def _pairs(self) -> list[tuple[ServerLink, ServerObservation | None]]:
+        previous = {s.name: s for s in self.server_obs}
+        return [(link, previous.get(link.name)) for link in self.servers]
+
+    def _sense_server(
+        self, link: ServerLink, previous: ServerObservation | None
+    ) -> ServerObservation:
+        reading, batch = link.scraper.latest(), link.batch.view()
+        if reading.signals is not None and previous is not None and previous.signals is None:
+            link.batch.retry_soon()  # the server answers again: so may its endpoint
+        return ServerObservation(
+            name=link.name,
+            url=link.url,
+            gpu_indices=link.gpu_indices,
+            slo=link.slo,
+            signals=reading.signals,
+            batch_limit=batch.limit,
+            max_num_seqs=batch.max_num_seqs,
+            batch_control=batch.control,
+            batch_control_reason=batch.reason,
+            stale_reason=reading.stale_reason,
+        )
+
+    @staticmethod
+    def _guard(
+        decision: Decision, gpus: Sequence[GpuObservation], budget: BudgetInForce
+    ) -> Decision:
+        """The last guard: whatever the controller says, the safety rules hold."""
+        fitted = fit_to_budget(decision.power_limits_w, gpus, budget.effective_w)
+        if fitted.limits_w == dict(decision.power_limits_w) and not fitted.infeasible:
+            return decision
+        mode = "infeasible" if fitted.infeasible else decision.mode
+        return replace(
+            decision, power_limits_w=fitted.limits_w, infeasible=fitted.infeasible, mode=mode
+        )
+
+    # ---- act: every power-limit write ----
+
+    def _limits_w(self) -> dict[int, float]:
+        return {g.index: g.power_limit_w for g in self.gpus}
 
     async def _write(
-        self,
-        writes: list[tuple[int, float]],
-        trigger: str,
-        budget: BudgetInForce,
-        arrived: float | None = None,
+        self, targets_w: Mapping[int, float], trigger: str, seq: int, arrived: float | None = None
     ) -> None:
+        """Under the act lock: fit `targets_w` to the budget in force now and write them; a
+        raise only while no budget newer than `seq` has arrived (checked before each raise)."""
+        budget = self.budget()
+        current = self._limits_w()
+        limits_w = fit_to_budget(targets_w, self.gpus, budget.effective_w).limits_w
+        if seq != self._budget_seq:
+            limits_w = {i: min(w, current.get(i, w)) for i, w in limits_w.items()}
+        writes = order_writes(current, limits_w)
         if not writes:
             return
-        result = await asyncio.to_thread(self.actuator.apply, writes)
-        if result.applied:
-            # Track what is now in force so the next enforcement starts from the truth.
-            self.gpus = tuple(
-                replace(g, power_limit_w=result.applied.get(g.index, g.power_limit_w))
-                for g in self.gpus
-            )
+        result = await asyncio.to_thread(
+            self.actuator.apply, writes, lambda: self._budget_seq == seq
+        )
+        self._written_at = time.monotonic()
+        self.gpus = tuple(
+            replace(g, power_limit_w=result.applied.get(g.index, g.power_limit_w))
+            for g in self.gpus
+        )
         self.log.info(
             # A distinct event in dry run, so nobody reads would-be limits as real writes.
             "power_limits_would_apply" if self.actuator.dry_run else "power_limits_applied",
@@ -236,114 +315,21 @@ class Daemon:
             budget_origin=budget.origin,
             writes={str(i): w for i, w in result.applied.items()},
             failed={str(i): e for i, e in result.failed.items()},
-            sum_limit_w=round(sum(g.power_limit_w for g in self.gpus), 3),
+            held={str(i): w for i, w in result.held.items()},
+            sum_limit_w=round(sum(self._limits_w().values()), 3),
             t_wall=time.time(),
             since_arrival_ms=None
             if arrived is None
             else round((time.perf_counter() - arrived) * 1000, 3),
         )
 
-    async def _sense_server(self, link: ServerLink, now: float) -> ServerObservation:
-        signals = await link.signals.poll(now)
-        if signals is None:
-            self.metrics.sense_errors.labels(f"server:{link.name}").inc()
-        if (link.batch_limit is None or link.max_num_seqs is None) and (
-            link.batch_task is None or link.batch_task.done()
-        ):
-            # In the background: a hung endpoint must not stretch the tick.
-            link.batch_task = asyncio.create_task(self._refresh_batch(link))
-        return ServerObservation(
-            name=link.name,
-            url=link.url,
-            gpu_indices=link.gpu_indices,
-            slo=link.slo,
-            signals=signals,
-            batch_limit=link.batch_limit,
-            max_num_seqs=link.max_num_seqs,
-        )
-
-    async def _refresh_batch(self, link: ServerLink) -> None:
-        try:
-            state = await link.batch.get()
-        except PalsdError as err:
-            self.log.warning("batch_limit_read_failed", server=link.name, error=str(err))
-            return
-        if state is not None:
-            link.batch_limit, link.max_num_seqs = state.limit, state.max_num_seqs
-
-    def _act_batch(self, limits: Mapping[str, int]) -> None:
-        for link in self.servers:
-            want = limits.get(link.name)
-            if want is None or want == link.batch_limit:
-                continue
-            if link.batch_limit is None or link.max_num_seqs is None:
-                continue  # not read yet: without the original there is nothing to restore to
-            if link.batch_task is not None and not link.batch_task.done():
-                continue  # one write in flight per server; the next tick tries again
-            top = min(link.max_num_seqs, link.max_batch_limit or link.max_num_seqs)
-            want = max(link.min_batch_limit, min(want, top))
-            link.batch_task = asyncio.create_task(self._set_batch(link, want))
-
-    async def _set_batch(self, link: ServerLink, limit: int) -> None:
-        if self.actuator.dry_run:
-            self.log.info("would_set_batch_limit", server=link.name, limit=limit, dry_run=True)
-            return
-        if link.batch_limit is not None and self._on_batch_original is not None:
-            self._on_batch_original(link.name, link.url, link.batch_limit)
-        try:
-            state = await link.batch.set(limit)
-        except PalsdError as err:
-            self.metrics.actuation_errors.labels("batch", type(err).__name__).inc()
-            self.log.error(
-                "batch_limit_write_failed", server=link.name, limit=limit, error=str(err)
-            )
-            link.batch_limit = None  # re-read next tick
-            return
-        link.batch_limit = getattr(state, "limit", limit)
-        self.log.info("batch_limit_applied", server=link.name, limit=link.batch_limit)
-
     # ---- report ----
 
-    def _report_budget(self, budget: BudgetInForce) -> None:
-        m = self.metrics
-        m.budget_w.set(float("nan") if budget.effective_w is None else budget.effective_w)
-        for source in BudgetSource:
-            m.budget_source.labels(source.value).set(1 if source == budget.source else 0)
-        m.fallback_active.set(1 if budget.source == BudgetSource.FALLBACK else 0)
-
     def _report(self, budget: BudgetInForce, decision: Decision) -> None:
-        m = self.metrics
-        self._report_budget(budget)
-        m.budget_infeasible.set(1 if decision.infeasible else 0)
-        for g in self.gpus:
-            label = str(g.index)
-            if g.power_w is not None:
-                m.gpu_power_w.labels(label).set(g.power_w)
-            if g.power_instant_w is not None:
-                m.gpu_power_instant_w.labels(label).set(g.power_instant_w)
-            if g.energy_j is not None:
-                m.gpu_energy_j.labels(label).set(g.energy_j)
-            m.gpu_limit_w.labels(label).set(g.power_limit_w)
-            m.gpu_min_limit_w.labels(label).set(g.min_limit_w)
-            m.gpu_max_limit_w.labels(label).set(g.max_limit_w)
-        m.limit_sum_w.set(sum(g.power_limit_w for g in self.gpus))
-        power_w = sum(g.power_w or 0.0 for g in self.gpus)
-        m.power_sum_w.set(power_w)
-        tokens_per_s = 0.0
-        for s in self.server_obs:
-            m.server_up.labels(s.name).set(0 if s.signals is None else 1)
-            if s.batch_limit is not None:
-                m.server_batch_limit.labels(s.name).set(s.batch_limit)
-            if s.signals is not None:
-                m.server_running.labels(s.name).set(s.signals.running)
-                m.server_waiting.labels(s.name).set(s.signals.waiting)
-                m.server_gen_tps.labels(s.name).set(s.signals.generation_tokens_per_s)
-                tokens_per_s += s.signals.generation_tokens_per_s
-            met = slo_met(s)
-            if met is not None:
-                m.server_slo_met.labels(s.name).set(1 if met else 0)
-        if power_w > 0:
-            m.tokens_per_joule.set(tokens_per_s / power_w)
+        self.last_tick_at = self.clock()
+        power_w = self.metrics.report_tick(
+            budget, decision, self.gpus, self.server_obs, self.last_tick_at
+        )
         self.log.info(
             "decision",
             mode=decision.mode,
@@ -354,27 +340,36 @@ class Daemon:
             batch_limits=dict(decision.batch_limits),
             sum_power_w=round(power_w, 1),
         )
+        summary = f"budget {budget.effective_w} W ({budget.source.value}), mode {decision.mode}"
+        self.notifier.tick_completed(summary)
+
+    # ---- DaemonControl (palsd/runtime/control.py): what the local API may ask ----
 
     def now(self) -> float:
         return self.clock()
 
     def health(self) -> dict[str, Any]:
+        """ok while ticks complete; a state record that cannot be saved is reported beside
+        it (palsd still holds the host within its budget, but changes nothing unrecorded)."""
         last = self.last_tick_at
         age = None if last is None else max(0.0, self.clock() - last)
-        problems = []
-        if age is None or age >= max(5.0, 5 * self.period_s):
-            problems.append("the control loop has not completed a tick recently")
-        if self.actuator.record_problem is not None:
-            problems.append(self.actuator.record_problem)
-        return {"ok": not problems, "last_tick_age_s": age, "problems": problems}
+        problem = self.actuator.record_problem
+        return {
+            "ok": age is not None and age < max(5.0, 5 * self.period_s),
+            "last_tick_age_s": age,
+            "state_record_ok": problem is None,
+            "state_record_problem": problem,
+        }
 
     def status(self) -> dict[str, Any]:
         extra = {name: provider() for name, provider in self.status_extra.items()}
         extra["last_tick_at"] = self.last_tick_at
+        extra["state_record_problem"] = self.actuator.record_problem
         return build_status(
             gpus=self.gpus,
+            gpu_stale_reason=self.gpu_stale_reason,
             servers=self.server_obs,
-            stale_reasons={s.name: s.signals.stale_reason for s in self.servers},
+            batch_limits_wanted={link.name: link.batch.wanted for link in self.servers},
             budget=self.budget(),
             decision=self.decision,
             decided_at=self.decided_at,
@@ -383,17 +378,3 @@ class Daemon:
             period_s=self.period_s,
             extra=extra,
         )
-
-    async def close_batch_tasks(self) -> None:
-        tasks = [s.batch_task for s in self.servers if s.batch_task and not s.batch_task.done()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _log_task_failure(log: Any) -> Callable[[asyncio.Task[None]], None]:
-    def done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background_task_failed", error=repr(task.exception()))
-
-    return done

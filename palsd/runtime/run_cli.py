@@ -1,6 +1,7 @@
 """`palsd run`: start the daemon, serve the API and metrics, restore every limit on the way out.
 
-Signal handlers only set events; all hardware work happens in the main task.
+Signal handlers only set events; all hardware work happens in the daemon's tasks, and the
+daemon (an async context manager owning one TaskGroup) stops them all before it restores.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,13 @@ from palsd.report.metrics import Metrics
 from palsd.runtime.daemon import Daemon
 from palsd.runtime.instance_lock import claim
 from palsd.runtime.notify import Notifier
-from palsd.runtime.wiring import make_backend, make_controller, make_server_links, read_secret
+from palsd.runtime.wiring import (
+    make_backend,
+    make_batch_ports,
+    make_controller,
+    make_server_links,
+    read_secret,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +88,9 @@ async def _start_metrics(cfg: PalsdConfig, metrics: Metrics, log: Any) -> web.Ap
     return runner
 
 
-async def reconcile(store: OriginalsStore, backend: Any, links: list[Any], log: Any) -> None:
+async def reconcile(
+    store: OriginalsStore, actuator: PowerActuator, ports: dict[str, Any], log: Any
+) -> None:
     """Put back what a previous run left behind (it crashed or was killed) before starting."""
     try:
         previous = store.load()
@@ -94,17 +104,13 @@ async def reconcile(store: OriginalsStore, backend: Any, links: list[Any], log: 
         return
     if previous is None or previous.empty():
         return
-    result = await put_back(previous, store, backend, _ports(links), log)
+    result = await put_back(previous, store, actuator, ports, log)
     log.warning(
         "reconciled_previous_run",
         restored_gpus=sorted(result.applied),
         failed=result.failed,
         left=previous.to_json(),
     )
-
-
-def _ports(links: list[Any]) -> dict[str, Any]:
-    return {link.name: link.batch for link in links}
 
 
 async def serve(cfg: PalsdConfig, config_path: Path) -> int:
@@ -128,29 +134,32 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
-    notifier = Notifier()
 
     async with httpx.AsyncClient() as client:
-        links = make_server_links(cfg, client)
+        ports = make_batch_ports(cfg, client)
         if not cfg.control.dry_run:
-            await reconcile(store, backend, links, log)
+            await reconcile(store, actuator, ports, log)
 
-        def record_batch_original(name: str, url: str, limit: int) -> None:
-            actuator.record_server(name, url, limit)  # durable first; False: not recorded
+        async def restore() -> None:
+            if not actuator.dry_run:
+                result = await put_back(actuator.originals, store, actuator, ports, log)
+                log.info("limits_restored", gpus=sorted(result.applied), failed=result.failed)
 
         daemon = Daemon(
             backend=backend,
             actuator=actuator,
             controller=make_controller(cfg),
-            servers=links,
+            servers=make_server_links(
+                cfg, client, metrics=metrics, log=log, record_original=actuator.record_server
+            ),
             book=BudgetBook(
                 cfg.budget.default_w, cfg.budget.fallback_w, facility_expected=cfg.mqtt.enabled
             ),
             metrics=metrics,
             log=log,
             period_s=cfg.control.period_s,
-            notifier=notifier,
-            on_batch_original=record_batch_original,
+            notifier=Notifier(),
+            restore=restore,
         )
         api = ApiServer(
             daemon,
@@ -160,10 +169,15 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
             token=read_secret(cfg.api.tcp.token_file),
             max_override_ttl_s=cfg.budget.max_override_ttl_s,
         )
+        # Bound before the first write: a socket or port that cannot be had stops palsd here.
         await api.start()
         if api.tcp_port is not None:
             log.info("api_tcp_listening", host=cfg.api.tcp.host, port=api.tcp_port)
-        metrics_runner = await _start_metrics(cfg, metrics, log)
+        try:
+            exporter = await _start_metrics(cfg, metrics, log)
+        except BaseException:
+            await api.stop()
+            raise
         log.info(
             "palsd_started",
             version=__version__,
@@ -171,33 +185,38 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
             dry_run=cfg.control.dry_run,
             controller=daemon.controller.name,
             socket=str(cfg.api.socket),
-            servers=[s.name for s in links],
+            servers=[s.name for s in cfg.servers],
             period_s=cfg.control.period_s,
         )
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(daemon.run(stop), name="control-loop")
-                tg.create_task(
-                    _reloader(reload_requested, stop, config_path, cfg, daemon, metrics, log),
-                    name="reloader",
+            async with daemon:
+                daemon.spawn("api", _serve_until_cancelled(api.stop))
+                if exporter is not None:
+                    daemon.spawn("metrics-http", _serve_until_cancelled(exporter.cleanup))
+                daemon.spawn(
+                    "reloader", _reloader(reload_requested, config_path, cfg, daemon, metrics, log)
                 )
                 if cfg.mqtt.enabled:
-                    tg.create_task(_run_feed(cfg, daemon, metrics, stop), name="mqtt-feed")
+                    daemon.spawn("mqtt-feed", _feed(cfg, daemon, metrics).run())
+                await stop.wait()
+        except Exception as err:  # a task failed: every other one was stopped, limits restored
+            log.error("palsd_failed", error=repr(err), action="stopped; limits restored")
+            return 1
         finally:
-            notifier.stopping()
-            await daemon.close_batch_tasks()
-            await api.stop()
-            if metrics_runner is not None:
-                await metrics_runner.cleanup()
-            await _restore_all(actuator, store, backend, links, log)
             backend.close()
     log.info("palsd_stopped")
     return 0
 
 
-async def _run_feed(
-    cfg: PalsdConfig, daemon: Daemon, metrics: Metrics, stop: asyncio.Event
-) -> None:
+async def _serve_until_cancelled(stop: Callable[[], Awaitable[None]]) -> None:
+    """A server started before the TaskGroup, owned by it: cancelled, it stops."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await stop()
+
+
+def _feed(cfg: PalsdConfig, daemon: Daemon, metrics: Metrics) -> Any:
     from palsd.feed.mqtt import MqttFeed
 
     feed = MqttFeed(
@@ -208,38 +227,19 @@ async def _run_feed(
         seq_path=cfg.state.dir / "mqtt-seq.json",
     )
     daemon.status_extra["feed"] = feed.state
-    task = asyncio.create_task(feed.run(), name="mqtt-client")
-    await stop.wait()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-async def _restore_all(
-    actuator: PowerActuator, store: OriginalsStore, backend: Any, links: list[Any], log: Any
-) -> None:
-    if actuator.dry_run:
-        return
-    result = await put_back(actuator.originals, store, backend, _ports(links), log)
-    log.info("limits_restored", gpus=sorted(result.applied), failed=result.failed)
+    return feed
 
 
 async def _reloader(
     requested: asyncio.Event,
-    stop: asyncio.Event,
     path: Path,
     running: PalsdConfig,
     daemon: Daemon,
     metrics: Metrics,
     log: Any,
 ) -> None:
-    while not stop.is_set():
-        waiter = asyncio.ensure_future(requested.wait())
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        stopper.cancel()
-        if stop.is_set():
-            return
+    while True:
+        await requested.wait()
         requested.clear()
         try:
             new = load_config(path)
@@ -252,7 +252,7 @@ async def _reloader(
             )
             continue
         daemon.replace_book_config(new.budget.default_w, new.budget.fallback_w)
-        daemon.period_s = new.control.period_s
+        daemon.set_period(new.control.period_s)
         restart_needed = [
             key
             for key in ("gpu", "servers", "api", "metrics", "state", "mqtt")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from palsd.act.batch import BatchLimitClient
 from palsd.config import PalsdConfig, ServerConfig
 from palsd.core.types import Controller, Slo
+from palsd.report.metrics import Metrics
 from palsd.sense.gpu import GpuBackend
+
+if TYPE_CHECKING:
+    from palsd.runtime.daemon import ServerLink
 
 
 def make_backend(cfg: PalsdConfig) -> GpuBackend:
@@ -63,25 +69,58 @@ def read_secret(path: Path | None) -> str | None:
     return path.read_text().strip()
 
 
-def make_server_links(cfg: PalsdConfig, client: httpx.AsyncClient) -> list[Any]:
-    from palsd.act.batch import BatchLimitClient
+def make_batch_ports(cfg: PalsdConfig, client: httpx.AsyncClient) -> dict[str, BatchLimitClient]:
+    """Each server's batch-limit endpoint client, by server name. Reads the token files."""
+    return {
+        s.name: BatchLimitClient(
+            s.url, client, read_secret(s.admin_token_file), cfg.scrape.timeout_s
+        )
+        for s in cfg.servers
+    }
+
+
+def make_server_links(
+    cfg: PalsdConfig,
+    client: httpx.AsyncClient,
+    *,
+    metrics: Metrics,
+    log: Any,
+    record_original: Callable[[str, str, int], bool],
+) -> list[ServerLink]:
+    """Per server: the scrape task (sense) and the batch-limit task (act), both long-lived."""
+    from palsd.act.batch_actuator import BatchActuator
     from palsd.runtime.daemon import ServerLink
+    from palsd.sense.scraper import ServerScraper
     from palsd.sense.vllm import VllmScraper
 
+    ports = make_batch_ports(cfg, client)
+    period_s = cfg.control.period_s
     links = []
     for s in cfg.servers:
+        failures = metrics.sense_errors.labels(f"server:{s.name}")
         links.append(
             ServerLink(
                 name=s.name,
                 url=s.url,
                 gpu_indices=tuple(s.gpus),
                 slo=slo_of(s),
-                signals=VllmScraper(s.url, client, cfg.scrape.window_s, cfg.scrape.timeout_s),
-                batch=BatchLimitClient(
-                    s.url, client, read_secret(s.admin_token_file), cfg.scrape.timeout_s
+                scraper=ServerScraper(
+                    VllmScraper(s.url, client, cfg.scrape.window_s, cfg.scrape.timeout_s),
+                    period_s,
+                    on_failure=failures.inc,
                 ),
-                min_batch_limit=s.min_batch_limit,
-                max_batch_limit=s.max_batch_limit,
+                batch=BatchActuator(
+                    s.name,
+                    s.url,
+                    ports[s.name],
+                    log=log,
+                    metrics=metrics,
+                    record_original=record_original,
+                    dry_run=cfg.control.dry_run,
+                    poll_s=period_s,
+                    min_limit=s.min_batch_limit,
+                    max_limit=s.max_batch_limit,
+                ),
             )
         )
     return links

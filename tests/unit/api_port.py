@@ -1,4 +1,4 @@
-"""An in-memory implementation of the API's port (palsd.api.server.ApiPort) over the real budget
+"""An in-memory implementation of the API's port (palsd.runtime.control.DaemonControl) over the real budget
 book, safety rules and power actuator, and a log that keeps its lines: what the API tests and
 the API fuzz tests drive, without the daemon's loop."""
 
@@ -55,12 +55,24 @@ class MemoryPort:
         self.book = BudgetBook()
         self.changes = 0
 
-    def clock(self) -> float:
+    def now(self) -> float:
         return self.now_s
+
+    def health(self) -> dict[str, Any]:
+        problem = self.actuator.record_problem
+        return {
+            "ok": True,
+            "last_tick_age_s": 0.0,
+            "state_record_ok": problem is None,
+            "state_record_problem": problem,
+        }
 
     def status(self) -> dict[str, Any]:
         budget = self.book.in_force(self.now_s)
-        return {"budget": {"effective_w": budget.effective_w, "source": budget.source.value}}
+        return {
+            "budget": {"effective_w": budget.effective_w, "source": budget.source.value},
+            "state_record_problem": self.actuator.record_problem,
+        }
 
     def set_override(self, entry: BudgetEntry | None) -> BudgetInForce:
         self.changes += 1

@@ -1,154 +1,230 @@
-"""The daemon's tick and budget entry points over an in-memory GPU host (no mocks: a small
-real implementation of the GpuBackend port) and in-memory server ports."""
+"""The daemon's tick, its budget entry points and its lifetime, over in-memory ports (small real
+implementations of the GPU, signal and batch ports; no mocks)."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import structlog
 
+from palsd.act.batch_actuator import BatchActuator
+from palsd.act.memory import MemoryBatchPort
 from palsd.act.originals import OriginalsStore
 from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
 from palsd.core.budget import BudgetBook, BudgetEntry
 from palsd.core.demand_split import DemandSplitController
-from palsd.core.types import GpuObservation, ServerSignals, Slo
-from palsd.errors import GpuUnavailable
+from palsd.core.types import Controller, Slo
 from palsd.report.metrics import Metrics
 from palsd.runtime.daemon import Daemon, ServerLink
-from tests.unit.gpus import h100
+from palsd.runtime.notify import Notifier
+from palsd.sense.memory import FixedSignals, MemoryHost
+from palsd.sense.scraper import ServerScraper
+
+__all__ = ["MemoryHost", "make_daemon", "until"]  # MemoryHost: other tests import it from here
 
 
-class MemoryHost:
-    name = "memory"
+class SentNotifier(Notifier):
+    """Records what would go to systemd."""
 
-    def __init__(self, n: int, power_w: float = 400.0) -> None:
-        self.gpus = {i: h100(i, power_w=power_w) for i in range(n)}
-        self.writes: list[tuple[int, float]] = []
-        self.fail_reads = False
-
-    def read_all(self) -> list[GpuObservation]:
-        if self.fail_reads:
-            raise GpuUnavailable("host gone")
-        return list(self.gpus.values())
-
-    def set_power_limit_w(self, index: int, watts: float) -> None:
-        self.writes.append((index, watts))
-        self.gpus[index] = replace(self.gpus[index], power_limit_w=watts)
-
-    def close(self) -> None:
-        pass
-
-
-class StaleSignals:
-    stale_reason = "not reachable"
-
-    async def poll(self, now_s: float) -> ServerSignals | None:
-        return None
-
-
-class MemoryBatch:
     def __init__(self) -> None:
-        self.limit = 256
-        self.sets: list[int] = []
+        super().__init__("")
+        self.sent: list[tuple[str, ...]] = []
 
-    async def get(self):
-        return type("S", (), {"limit": self.limit, "max_num_seqs": 256})()
-
-    async def set(self, limit: int):
-        self.sets.append(limit)
-        self.limit = limit
-        return await self.get()
+    def send(self, *states: str) -> None:
+        self.sent.append(states)
 
 
-def make_daemon(tmp_path, host: MemoryHost, dry_run: bool = False, book=None) -> Daemon:
+def make_daemon(
+    tmp_path: Path,
+    host: MemoryHost,
+    *,
+    dry_run: bool = False,
+    book: BudgetBook | None = None,
+    period_s: float = 0.5,
+    controller: Controller | None = None,
+    signals: FixedSignals | None = None,
+    port: MemoryBatchPort | None = None,
+    notifier: Notifier | None = None,
+    restore: Callable[[], Awaitable[object]] | None = None,
+) -> Daemon:
     metrics = Metrics()
     log = structlog.get_logger("test")
     actuator = PowerActuator(host, OriginalsStore(tmp_path), metrics, log, dry_run)
-    link = ServerLink("s0", "http://x", (0, 1), Slo(), StaleSignals(), MemoryBatch())
+    batch = BatchActuator(
+        "s0",
+        "http://x",
+        port or MemoryBatchPort(),
+        log=log,
+        metrics=metrics,
+        record_original=actuator.record_server,
+        dry_run=dry_run,
+        poll_s=period_s,
+    )
+    scraper = ServerScraper(signals or FixedSignals(), period_s)
     return Daemon(
         backend=host,
         actuator=actuator,
-        controller=DemandSplitController(),
-        servers=[link],
+        controller=controller or DemandSplitController(),
+        servers=[ServerLink("s0", "http://x", (0, 1), Slo(), scraper, batch)],
         book=book or BudgetBook(),
         metrics=metrics,
         log=log,
-        period_s=0.5,
+        period_s=period_s,
+        notifier=notifier,
         clock=lambda: 1000.0,
+        restore=restore,
     )
 
 
-async def test_lower_override_is_enforced_before_the_next_tick(tmp_path):
+async def until(predicate: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    """Await a condition the daemon's tasks bring about (bounded; fails loudly)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+    return value
+
+
+async def test_lower_override_is_enforced_at_once_by_the_budget_task(tmp_path):
     host = MemoryHost(4)
-    daemon = make_daemon(tmp_path, host)
-    await daemon.tick()
-    assert sum(g.power_limit_w for g in host.gpus.values()) == 2800
-    daemon.set_override(BudgetEntry(1600.0))
-    for _ in range(50):  # the enforcement task runs on the loop; no tick is called here
-        await asyncio.sleep(0.01)
-        if sum(g.power_limit_w for g in host.gpus.values()) <= 1600:
-            break
-    assert sum(g.power_limit_w for g in host.gpus.values()) <= 1600
-    assert daemon.metrics.enforce_s._sum.get() > 0  # the enforcement was timed
+    # A long period: no tick comes between the override and its enforcement.
+    daemon = make_daemon(tmp_path, host, period_s=30.0)
+    async with daemon:
+        await until(lambda: daemon.last_tick_at is not None)
+        assert host.limit_sum_w() == 2800
+        daemon.set_override(BudgetEntry(1600.0))
+        await until(lambda: host.limit_sum_w() <= 1600, timeout_s=1.0)
+        assert daemon.metrics.enforce_s._sum.get() > 0  # the enforcement was timed
 
 
 async def test_dry_run_never_writes_but_reports_would_be_limits(tmp_path):
     host = MemoryHost(4)
     daemon = make_daemon(tmp_path, host, dry_run=True, book=BudgetBook(default_w=1000))
     for _ in range(3):
-        await daemon.tick()
+        assert await daemon.tick()
     assert host.writes == []
-    assert sum(daemon.decision.power_limits_w.values()) <= 1000
+    assert daemon.decision is not None and sum(daemon.decision.power_limits_w.values()) <= 1000
     assert not (tmp_path / "originals.json").exists()
 
 
-async def test_originals_recorded_before_first_write(tmp_path):
+async def test_originals_recorded_before_first_write_and_restored_through_the_actuator(tmp_path):
     host = MemoryHost(2)
     daemon = make_daemon(tmp_path, host, book=BudgetBook(default_w=800))
     await daemon.tick()
     record = OriginalsStore(tmp_path).load()
     assert record is not None
     assert {i: e["limit_w"] for i, e in record.gpus.items()} == {0: 700.0, 1: 700.0}
+    writes_before = daemon.metrics.limit_writes._value.get()
     store = OriginalsStore(tmp_path)
-    result = await put_back(daemon.actuator.originals, store, host, {}, daemon.log)
+    result = await put_back(daemon.actuator.originals, store, daemon.actuator, {}, daemon.log)
     assert result.applied == {0: 700.0, 1: 700.0}
     assert all(g.power_limit_w == 700.0 for g in host.gpus.values())
     assert OriginalsStore(tmp_path).load() is None
+    # The restore went through the one choke point: its writes are counted like any other.
+    assert daemon.metrics.limit_writes._value.get() == writes_before + 2
 
 
-async def test_gpu_read_failure_holds_limits_and_counts(tmp_path):
+async def test_gpu_read_failure_holds_limits_counts_and_says_why(tmp_path):
     host = MemoryHost(2)
     daemon = make_daemon(tmp_path, host, book=BudgetBook(default_w=800))
-    await daemon.tick()
+    assert await daemon.tick()
     writes = list(host.writes)
     host.fail_reads = True
-    await daemon.tick()
+    assert not await daemon.tick()
     assert host.writes == writes
     assert daemon.metrics.sense_errors.labels("gpu")._value.get() == 1
+    assert "host gone" in daemon.status()["gpu_stale_reason"]
 
 
-async def test_stale_server_is_reported_not_fatal(tmp_path):
+async def test_a_hung_gpu_read_misses_its_deadline_and_is_never_doubled(tmp_path):
     host = MemoryHost(2)
-    daemon = make_daemon(tmp_path, host)
-    await daemon.tick()
-    await asyncio.sleep(0.01)  # the batch-limit read runs beside the tick
-    await daemon.tick()
-    server = daemon.status()["servers"][0]
+    daemon = make_daemon(tmp_path, host, period_s=0.2)
+    host.hold_reads.clear()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            assert not await daemon.tick()
+            assert time.monotonic() - started < daemon.gpu_deadline_s + 0.1
+        assert host.reads == 1  # the later ticks waited for the same read
+        assert "has not answered" in daemon.status()["gpu_stale_reason"]
+    finally:
+        host.hold_reads.set()
+    assert await daemon.tick()
+    assert daemon.status()["gpu_stale_reason"] is None
+
+
+async def test_stale_server_is_reported_with_its_reason_not_fatal(tmp_path):
+    host = MemoryHost(2)
+    daemon = make_daemon(tmp_path, host, period_s=0.05)
+    async with daemon:
+        server = await until(lambda: (daemon.status()["servers"] or [None])[0])
+        await until(lambda: daemon.status()["servers"][0]["batch_limit"] == 256)
+        server = daemon.status()["servers"][0]
     assert server["up"] is False and server["stale_reason"] == "not reachable"
-    assert server["batch_limit"] == 256
+    assert server["batch_control"] == "ok"
 
 
-async def test_batch_limit_not_changed_before_its_original_is_known(tmp_path):
+async def test_only_completed_ticks_say_ready_and_feed_the_watchdog(tmp_path):
     host = MemoryHost(2)
-    daemon = make_daemon(tmp_path, host)
-    link = daemon.servers[0]
-    daemon._act_batch({"s0": 8})  # the first tick's decision, before the read came back
-    assert link.batch_task is None and link.batch.sets == []
-    link.batch_limit, link.max_num_seqs = 256, 256
-    recorded: list[tuple[str, int]] = []
-    daemon._on_batch_original = lambda name, url, limit: recorded.append((name, limit))
-    daemon._act_batch({"s0": 8})
-    await link.batch_task
-    assert link.batch.sets == [8] and recorded == [("s0", 256)]
+    notifier = SentNotifier()
+    daemon = make_daemon(tmp_path, host, notifier=notifier)
+    host.fail_reads = True
+    await daemon.tick()
+    await daemon.tick()
+    assert notifier.sent == []
+    host.fail_reads = False
+    await daemon.tick()
+    await daemon.tick()
+    assert [states[0] for states in notifier.sent] == ["READY=1", "WATCHDOG=1"]
+
+
+async def test_exit_stops_every_task_then_restores_under_the_act_lock(tmp_path):
+    host = MemoryHost(4)
+    store = OriginalsStore(tmp_path)
+    seen: dict[str, Any] = {}
+
+    async def restore() -> None:
+        seen["tasks_done"] = all(t.done() for t in daemon._tasks.values())
+        seen["act_lock_held"] = daemon._act_lock.locked()
+        daemon.set_override(BudgetEntry(900.0))  # a cut arriving during shutdown
+        await put_back(daemon.actuator.originals, store, daemon.actuator, {}, daemon.log)
+        seen["writes"] = len(host.writes)
+
+    daemon = make_daemon(
+        tmp_path, host, book=BudgetBook(default_w=2000), period_s=0.05, restore=restore
+    )
+    async with daemon:
+        await until(lambda: host.limit_sum_w() <= 2000)
+        daemon.set_override(BudgetEntry(1500.0))  # and one just before it
+    assert seen == {"tasks_done": True, "act_lock_held": True, "writes": len(host.writes)}
+    await asyncio.sleep(0.1)
+    assert len(host.writes) == seen["writes"]  # nothing was written after the restore
+    assert all(g.power_limit_w == 700.0 for g in host.gpus.values())
+    assert store.load() is None
+
+
+async def test_a_failing_task_stops_the_daemon_and_still_restores(tmp_path):
+    host = MemoryHost(2)
+    restored: list[bool] = []
+
+    async def restore() -> None:
+        restored.append(True)
+
+    async def broken() -> None:
+        raise RuntimeError("the API server died")
+
+    daemon = make_daemon(tmp_path, host, restore=restore)
+    try:
+        async with daemon:
+            daemon.spawn("api", broken())
+            await asyncio.sleep(5)  # cancelled by the failure
+    except* RuntimeError as group:
+        assert "the API server died" in str(group.exceptions[0])
+    else:
+        raise AssertionError("the failure must surface")
+    assert restored == [True]

@@ -88,11 +88,12 @@ def test_dry_run_ticks_and_budget_cuts_call_no_setter_and_log_would_be_limits(
             await daemon.tick()
         # A lower budget arriving is enforced at once, outside the tick: also dry.
         daemon.set_override(BudgetEntry(450.0, reason="test cut"))
-        await asyncio.sleep(0.05)
+        await daemon.enforce_cut()  # what the daemon's budget task does on arrival
         for _ in range(3):
             await daemon.tick()
         # What `palsd run` does on the way out puts back nothing: a dry run recorded nothing.
-        await put_back(daemon.actuator.originals, OriginalsStore(tmp_path), backend, {}, daemon.log)
+        store = OriginalsStore(tmp_path)
+        await put_back(daemon.actuator.originals, store, daemon.actuator, {}, daemon.log)
 
     with capture_logs() as logs:
         asyncio.run(scenario())
