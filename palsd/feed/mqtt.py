@@ -57,10 +57,12 @@ MAX_BATCH = 256
 # The client's incoming queue: far above what a keeping-up feed ever holds (it drains in
 # batches), small enough that a flood cannot exhaust memory. What does not fit is counted.
 MAX_QUEUED = 10_000
-# A stop: at most this long to publish "offline", and this long for the DISCONNECT.
+# A stop: at most this long for the session's own tasks to honour their cancel, to publish
+# "offline", and for the DISCONNECT.
+CANCEL_GRACE_S = 0.5
 OFFLINE_PUBLISH_S = 1.0
 DISCONNECT_S = 1.0
-STOP_BOUND_S = OFFLINE_PUBLISH_S + DISCONNECT_S
+STOP_BOUND_S = CANCEL_GRACE_S + OFFLINE_PUBLISH_S + DISCONNECT_S
 # Per-call bound on subscribe and status publish during a session.
 CALL_TIMEOUT_S = 10.0
 # Feed-level outcome that is not the decoder's: a bug while handling one message. Counted,
@@ -276,7 +278,26 @@ class MqttFeed:
 
     async def run(self) -> None:
         """Stay connected until cancelled; on any failure log it, back off, try again.
-        Cancelled, it returns (by raising CancelledError) within STOP_BOUND_S."""
+        Cancelled, it returns (by raising CancelledError) within STOP_BOUND_S, whatever the
+        broker and the client library do: the loop runs in its own task, and a loop that has
+        not finished its clean stop by then is left to finish on its own."""
+        loop_task = asyncio.create_task(self._run(), name="mqtt-feed-loop")
+        try:
+            await asyncio.shield(loop_task)
+        except asyncio.CancelledError:
+            loop_task.cancel()
+            done, _ = await asyncio.wait({loop_task}, timeout=STOP_BOUND_S)
+            if not done:
+                loop_task.add_done_callback(_consume)
+                self.log.warning(
+                    "mqtt_stop_slow",
+                    bound_s=STOP_BOUND_S,
+                    action="stopping without waiting for the broker",
+                )
+            self._set_connected(False)
+            raise
+
+    async def _run(self) -> None:
         if self.seq_path is not None:
             self.seqs = await asyncio.to_thread(self._load_seqs, self.seq_path)
         failures = 0
@@ -290,6 +311,9 @@ class MqttFeed:
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # broker loss, refused, TLS, bad files: all retried
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from err  # a stop, whatever else went wrong
                 self._last_error = _describe(err)
                 self.log.warning(
                     "mqtt_disconnected",
@@ -335,33 +359,50 @@ class MqttFeed:
             queue_type=inbox,
             max_queued_incoming_messages=MAX_QUEUED,
         )
-        async with client:
-            self._set_connected(True)
-            self._queue_len = lambda: len(client.messages)
-            self._last_error = None
-            try:
-                await client.publish(self.topics.state, b"online", qos=1, retain=True)
-                for topic in self.topics.subscriptions():
-                    await client.subscribe(topic, qos=1)
-                self.log.info(
-                    "mqtt_connected",
-                    broker=f"{self.host}:{self.port}",
-                    client_id=self.client_id,
-                    subscriptions=self.topics.subscriptions(),
-                )
-                await _first_failure(
-                    asyncio.create_task(self._receive(client), name="mqtt-receive"),
-                    asyncio.create_task(self._publish_status(client), name="mqtt-status"),
-                )
-            except asyncio.CancelledError:
-                # A clean stop: say so ourselves, since a clean DISCONNECT suppresses the will;
-                # then a short DISCONNECT, so a silent broker cannot hold the stop.
-                await _quietly(
-                    client.publish(self.topics.state, b"offline", qos=1, retain=True),
-                    OFFLINE_PUBLISH_S,
-                )
-                client.timeout = DISCONNECT_S
-                raise
+        stopping = False
+        try:
+            async with client:
+                self._set_connected(True)
+                self._queue_len = lambda: len(client.messages)
+                self._last_error = None
+                try:
+                    await client.publish(self.topics.state, b"online", qos=1, retain=True)
+                    for topic in self.topics.subscriptions():
+                        await client.subscribe(topic, qos=1)
+                    self.log.info(
+                        "mqtt_connected",
+                        broker=f"{self.host}:{self.port}",
+                        client_id=self.client_id,
+                        subscriptions=self.topics.subscriptions(),
+                    )
+                    await _first_failure(
+                        asyncio.create_task(self._receive(client), name="mqtt-receive"),
+                        asyncio.create_task(self._publish_status(client), name="mqtt-status"),
+                    )
+                except asyncio.CancelledError:
+                    # A clean stop: say so ourselves, since a clean DISCONNECT suppresses the will;
+                    # then a short DISCONNECT, so a silent broker cannot hold the stop.
+                    try:
+                        # aiomqtt's own timeout, not a wait_for around it: cancelling its inner
+                        # wait was seen to take its whole 10 s call timeout on CPython 3.11.
+                        await client.publish(
+                            self.topics.state,
+                            b"offline",
+                            qos=1,
+                            retain=True,
+                            timeout=OFFLINE_PUBLISH_S,
+                        )
+                    except Exception:
+                        pass  # best effort: the broker may be gone; the will covers that
+                    client.timeout = DISCONNECT_S
+                    stopping = True
+                    raise
+        except Exception as err:
+            if stopping:
+                # The DISCONNECT failed or timed out on the way out: still a stop, not a
+                # broker failure to reconnect from.
+                raise asyncio.CancelledError from err
+            raise
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         batch: list[tuple[str, bytes]] = []
@@ -564,24 +605,27 @@ async def _first_failure(*tasks: asyncio.Task[None]) -> None:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: seen here, a status publish waiting for a PUBACK from a hung broker took
+        # aiomqtt's whole call timeout (10 s) to honour its cancel. One that is slow to end
+        # is left to end on its own (the client's timeouts end it); its error is consumed.
+        _, slow = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+        for task in slow:
+            task.add_done_callback(_consume)
     for task in done:
         if not task.cancelled() and (err := task.exception()) is not None:
             raise err
     raise ConnectionError("the MQTT session ended")
 
 
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+
+
 def _payload_bytes(payload: Any) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
     return b"" if payload is None else str(payload).encode()
-
-
-async def _quietly(coro: Any, timeout_s: float) -> None:
-    try:
-        await asyncio.wait_for(coro, timeout=timeout_s)
-    except Exception:
-        pass
 
 
 def _describe(err: BaseException) -> str:

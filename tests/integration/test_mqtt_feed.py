@@ -338,3 +338,47 @@ async def test_sequence_book_survives_a_restart_so_a_replay_is_still_refused(bro
     # or an old message) is a replay, not news.
     sink = await feed_once(encode(budget(7, 9000)), lambda s, r: rejected(r, "replayed_seq") == 1)
     assert sink.calls == []
+
+
+async def test_stop_is_bounded_even_when_the_broker_stops_answering(broker):
+    # A broker that hangs (SIGSTOP: the TCP connection stays open, nothing answers) must not
+    # hold palsd's stop: "offline" gets 1 s, the DISCONNECT 1 s (STOP_BOUND_S in all).
+    from palsd.feed.mqtt import STOP_BOUND_S
+
+    feed = MqttFeed(feed_config(broker), RecordingSink(), lambda: STATUS, CollectorRegistry())
+    task = asyncio.create_task(feed.run())
+    await until(lambda: feed.state()["connected"], "connected")
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=STOP_BOUND_S + 30)
+        took_s = time.monotonic() - started
+        assert done, "the feed did not stop"
+        assert task.cancelled()
+        # 5 s of slack for a loaded machine; before the bound, this took aiomqtt's 10 s call
+        # timeout (and a swallowed stop never finished at all)
+        assert took_s < STOP_BOUND_S + 5
+        print(f"feed stopped {took_s:.2f} s after the cancel (bound {STOP_BOUND_S} s)")
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+
+
+async def test_poison_message_leaves_the_session_up_and_the_next_budget_applies(
+    broker, running, tmp_path
+):
+    key_file = tmp_path / "hmac.key"
+    key_file.write_text(KEY.decode())
+    poison = f'{{"price_per_mwh":1,"seq":1,"issued_at":{int(time.time())},"sender":"x","sig":"é"}}'
+    await publish(broker, "test/palsd/price", poison.encode(), retain=True)
+    feed, sink, registry = running(
+        feed_config(broker, hmac_key_file=key_file, require_signature=True)
+    )
+    await until(lambda: rejected(registry, "bad_signature") == 1, "retained poison rejected")
+    topic = "test/palsd/h1/budget"
+    await publish(broker, topic, encode(budget(1, 2500), KEY, topic=topic))
+    await until(lambda: sink.calls, "signed budget after the poison")
+    assert sink.calls[0][1] is not None and sink.calls[0][1].watts == 2500
+    assert feed.state()["connected"] and feed.state()["reconnects_total"] == 0
+    assert registry.get_sample_value("palsd_mqtt_received_total") == 2
