@@ -68,6 +68,7 @@ class JointParams:
     ff_jump: float = 0.2
     ff_gain: float = 1.0
     ff_waiting: float = 8.0
+    ff_min_requests: float = 8.0  # ... and at least this many more requests in flight
     batch_step_frac: float = 0.25
     batch_settle_s: float = 3.0
     batch_memory_s: float = 300.0  # a batch limit that had to shrink is a ceiling this long
@@ -102,6 +103,7 @@ class _ServerState:
     step_w: float = 0.0  # the efficiency search's current step (0: not started)
     step_dir: int = 0  # direction of the search's last move
     ref_load: float | None = None  # concurrency when the cap was last set (feed-forward)
+    load: float | None = None  # smoothed concurrency (running + waiting)
     batch_ceiling: int | None = None  # a limit that had to shrink: growth stays below it ...
     ceiling_until_s: float = -math.inf  # ... until then
 
@@ -211,7 +213,10 @@ class JointController:
         since = now_s - st.cap_changed_s
         held = now_s - max(st.cap_changed_s, st.first_seen_s)  # measured at this cap this long
         worst = h.worst
-        load = sig.running + sig.waiting
+        # Concurrency, smoothed over ~2 s so that Poisson noise does not read as a load step.
+        now_load = sig.running + sig.waiting
+        st.load = now_load if st.load is None else st.load + 0.25 * (now_load - st.load)
+        load = st.load
         if worst is not None and held >= p.dwell_s and server_w is not None:
             # The whole window was served at this cap: its tokens/s and power belong to it.
             st.model.observe(now_s, cap, rps, sig.generation_tokens_per_s, server_w, worst)
@@ -226,7 +231,16 @@ class JointController:
         )
         new = cap
         why = ""
-        ff_jump = st.ref_load is not None and load >= 4 and load > st.ref_load * (1.0 + p.ff_jump)
+        # Feed-forward only when the jump is larger than the headroom could absorb: latency
+        # grows with concurrency at best in proportion, so a relative jump below the relative
+        # headroom is served without a raise.
+        jump = 0.0 if st.ref_load is None else load / max(st.ref_load, 1.0) - 1.0
+        ff_jump = (
+            st.ref_load is not None
+            and load - st.ref_load >= p.ff_min_requests
+            and jump > p.ff_jump
+            and (worst is None or jump > worst)
+        )
         if worst is not None and worst < 0.0:
             if since >= p.react_s and cap < ceiling_w:
                 good = st.model.known_good_cap(now_s, rps, cap, p.low_margin)
@@ -326,7 +340,9 @@ class JointController:
             # A line search: the step doubles (up to 4x) while moves go the same way and
             # falls back to the base step when the direction turns.
             d = 1 if choice[0] > cap else -1
-            st.step_w = min(4 * p.cap_step_w, 2 * step) if d == st.step_dir else p.cap_step_w
+            # Down at most 2x (a lower cap risks the SLO), up at most 4x.
+            top = (4 if d > 0 else 2) * p.cap_step_w
+            st.step_w = min(top, 2 * step) if d == st.step_dir else p.cap_step_w
             st.step_dir = d
             return choice
         st.step_w, st.step_dir = p.cap_step_w, 0
@@ -435,7 +451,10 @@ class JointController:
         sum_min = sum(g.min_limit_w for g in obs.gpus)
         guard_w = 0.0
         plan_w = budget_w
-        if budget_w is not None and p.control_caps:  # static caps (batch_only) stay as PALS's
+        sum_max = sum(g.max_limit_w for g in obs.gpus)
+        # static caps (batch_only) stay as PALS's; a budget at or above every GPU's maximum
+        # cannot bind the limits, so it needs no guard either
+        if budget_w is not None and p.control_caps and budget_w < sum_max:
             guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
             plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
         # Averaged power (not instant spikes) above the budget with no room left above the

@@ -38,10 +38,12 @@ def true_optimum_w(tokens: Callable[[float], float]) -> float:
     return max(grid, key=lambda c: tokens(c) / (1.05 * 2 * c + HOST_SHARE_W))
 
 
-def settle(tokens: Callable[[float], float], start_w: float, minutes: float) -> float:
+def settle(tokens: Callable[[float], float], start_w: float, minutes: float) -> list[float]:
+    """The cap at every tick of the last half of the run."""
     ctrl = JointController(JointParams(max_raise_w_per_tick=None))
     limits = {0: start_w, 1: start_w}
     t = 0.0
+    caps: list[float] = []
     while t < minutes * 60.0:
         cap = limits[0]
         sig = dataclasses.replace(
@@ -51,8 +53,10 @@ def settle(tokens: Callable[[float], float], start_w: float, minutes: float) -> 
         gpus = [gpu(i, power_w=limits[i], limit_w=limits[i]) for i in (0, 1)]
         decision = ctrl.decide(obs(t, gpus, [server("s0", (0, 1), sig)]))
         limits.update(decision.power_limits_w)
+        if t >= minutes * 30.0:
+            caps.append(limits[0])
         t += PERIOD_S
-    return limits[0]
+    return caps
 
 
 @pytest.mark.parametrize(
@@ -67,8 +71,13 @@ def test_the_search_settles_near_the_plants_tokens_per_joule_optimum(
     best = true_optimum_w(curve)
     if name == "interior":
         assert 250.0 < best < 650.0  # the plant is what its name says
-    got = settle(curve, start_w, minutes=8)
-    # within two probing steps of the optimum, on the plant's own curve within 2%
-    assert abs(got - best) <= 50.0, (name, start_w, got, best)
-    eff = lambda c: curve(c) / (1.05 * 2 * c + HOST_SHARE_W)  # noqa: E731
-    assert eff(got) >= 0.98 * eff(best)
+    caps = settle(curve, start_w, minutes=12)
+    mean_cap = sum(caps) / len(caps)
+
+    def eff(c: float) -> float:
+        return curve(c) / (1.05 * 2 * c + HOST_SHARE_W)
+
+    # Over the last six minutes (re-probes included) the cap stays near the optimum and the
+    # plant delivers at least 97% of its best tokens/J on average.
+    assert abs(mean_cap - best) <= 50.0, (name, start_w, mean_cap, best)
+    assert sum(eff(c) for c in caps) / len(caps) >= 0.97 * eff(best)
