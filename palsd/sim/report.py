@@ -167,6 +167,16 @@ def markdown(
         f"{meta['hours']} h virtual, seed {meta['seed']}. SLO: {meta['slo']}. Capacity at "
         f"vLLM's defaults: {meta['capacity_requests_per_s']:.1f} requests/s per server.",
         "",
+    ]
+    curve = meta.get("efficiency_curve")
+    if curve:
+        lines += [
+            f"The preset's tokens/J (host) against the cap at a saturating load peaks at "
+            f"{curve['optimum_cap_w']:g} W per GPU: a {curve['regime']} optimum "
+            "(efficiency_curve.png).",
+            "",
+        ]
+    lines += [
         f"`{meta['command']}`",
         "",
         "| policy | tokens/J (GPU) | tokens/J (host) | vs default | SLO attainment | "

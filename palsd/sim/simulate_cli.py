@@ -88,6 +88,21 @@ def sweep_pairs(gpu: str, lowest_budget_w: float | None) -> tuple[list[tuple[flo
     return run, skipped
 
 
+def _curve(gpu: str, model: str, out: Path) -> dict[str, Any]:
+    """The preset's tokens/J-against-cap curve at a saturating load (the twin's own
+    characterisation, palsd.sim.characterise), written beside the report as
+    efficiency_curve.json and .png, so a reader sees which regime the run is in."""
+    from palsd.sim.characterise import efficiency_curve, write_efficiency_curve
+
+    curve = efficiency_curve(gpu, model)
+    write_efficiency_curve(curve, out)
+    return {
+        "optimum_cap_w": curve.optimum_cap_w(True),
+        "regime": curve.regime(True),
+        "files": ["efficiency_curve.json", "efficiency_curve.png"],
+    }
+
+
 def _children_cpu_s() -> float:
     import resource
 
@@ -170,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
         ),
     }
     meta["runs"] = len(runs)
+    meta["efficiency_curve"] = _curve(args.gpu, setup.model, args.out)
     order = {p: i for i, p in enumerate(names)}
     runs.sort(key=lambda r: order.get(r.policy, len(order)))
     result = report.write(args.out, meta, runs, skipped, not_run)

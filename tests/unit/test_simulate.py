@@ -67,6 +67,9 @@ def test_short_strict_run_writes_a_report_and_palsd_never_draws_above_the_budget
     assert pol["default"]["seconds_limits_above_budget"] > 0
     assert (out / "report.md").read_text().count("| palsd |") == 1
     assert (out / "power.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
+    # the preset's tokens/J-against-cap curve beside the report, and its regime in it
+    assert (out / "efficiency_curve.json").exists() and (out / "efficiency_curve.png").exists()
+    assert report["efficiency_curve"]["regime"] in {"floor", "interior", "max"}
 
 
 def test_the_sweep_skips_pairs_whose_caps_sum_above_the_lowest_budget() -> None:
