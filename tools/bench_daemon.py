@@ -134,13 +134,22 @@ def padding(server: int, size_bytes: int) -> bytes:
 
 
 class _Proxy(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as vLLM's uvicorn: palsd reuses connections
     upstream = ""
+    page_bytes = TARGET_PAGE_BYTES
+    lock = threading.Lock()
+    requests: ClassVar[dict[str, int]] = {}  # what palsd asked the servers for, by kind
     pads: ClassVar[dict[int, bytes]] = {}
 
     def log_message(self, *args: Any) -> None:
         pass
 
     def _forward(self, method: str) -> None:
+        kind = (
+            "scrapes" if self.path.endswith("/metrics") else f"{method} {self.path.split('/')[-1]}"
+        )
+        with _Proxy.lock:
+            _Proxy.requests[kind] = _Proxy.requests.get(kind, 0) + 1
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         req = urllib.request.Request(self.upstream + self.path, data=body, method=method)
@@ -154,9 +163,9 @@ class _Proxy(BaseHTTPRequestHandler):
             status, data, ctype = err.code, err.read(), err.headers.get("Content-Type")
         if self.path.endswith("/metrics") and status == 200:
             server = int(self.path.split("/")[2]) if self.path.startswith("/vllm/") else 0
-            data = data + self.pads.setdefault(
-                server, padding(server, TARGET_PAGE_BYTES - len(data))
-            )
+            want = self.page_bytes - len(data)
+            pad = self.pads.setdefault(server, padding(server, want) if want > 0 else b"")
+            data = data + pad
         try:
             self.send_response(status)
             self.send_header("Content-Type", ctype or "text/plain")
@@ -174,6 +183,13 @@ class _Proxy(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._forward("POST")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a connection reset at shutdown is not news; the JSON line stays the last line
 
 
 def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
@@ -234,6 +250,12 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=10.0)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--servers", type=int, default=8)
+    parser.add_argument(
+        "--page-bytes",
+        type=int,
+        default=TARGET_PAGE_BYTES,
+        help="pad each /metrics page to this size (0: the sim host's page as it is)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="palsd-bench-daemon-"))
@@ -267,7 +289,8 @@ def main() -> int:
         sim = json.loads(ready.read_text())
 
         _Proxy.upstream = sim["url"]
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+        _Proxy.page_bytes = args.page_bytes
+        proxy = _QuietServer(("127.0.0.1", 0), _Proxy)
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
         page = urllib.request.urlopen(
@@ -298,8 +321,11 @@ def main() -> int:
         config.write_text(yaml.safe_dump(cfg))
         log_path = work / "palsd.log"
         log = open(log_path, "wb")  # noqa: SIM115
+        # PALSD_BENCH_PROFILE=FILE: run the daemon under cProfile (slower; for finding the cost).
+        profile = os.environ.get("PALSD_BENCH_PROFILE")
+        prefix = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "palsd.cli.palsd"]
         daemon = subprocess.Popen(
-            [*PALSD, "run", "--config", str(config)],
+            [*(prefix if profile else PALSD), "run", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -318,8 +344,12 @@ def main() -> int:
         time.sleep(args.warmup_s)  # imports, first scrapes, windows filling
 
         buckets0, cpu0, t0 = tick_buckets(metrics_url), cpu_s(daemon.pid), time.monotonic()
+        with _Proxy.lock:
+            requests0 = dict(_Proxy.requests)
         time.sleep(args.seconds)
         cpu1, t1 = cpu_s(daemon.pid), time.monotonic()
+        with _Proxy.lock:
+            requests1 = dict(_Proxy.requests)
         buckets1 = tick_buckets(metrics_url)
         rss_mb, peak_mb = memory_mb(daemon.pid)
         p99, ticks = p99_ms(buckets0, buckets1)
@@ -336,6 +366,10 @@ def main() -> int:
             "gpus": args.gpus,
             "servers": args.servers,
             "metrics_page_bytes": len(page),
+            "server_requests_per_s": {
+                kind: round((n - requests0.get(kind, 0)) / (t1 - t0), 1)
+                for kind, n in sorted(requests1.items())
+            },
             "log_bytes_per_s": round(log_path.stat().st_size / max(t1 - t0 + args.warmup_s, 1), 1),
         }
         print(
