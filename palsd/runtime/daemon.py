@@ -153,9 +153,11 @@ class Daemon:
         self._change_budget(replace(self.book, default_w=default_w, fallback_w=fallback_w))
 
     def _change_budget(self, book: BudgetBook) -> None:
+        before = self.budget().effective_w
         self.book = book
-        self._budget_seq += 1  # from now on, no tick that started earlier may raise a limit
         budget = self.budget()
+        if budget.effective_w != before:
+            self._budget_seq += 1  # from now on, no tick that started earlier may raise
         self.metrics.report_budget(budget)
         if self._closing:
             return
