@@ -1,6 +1,6 @@
-"""An in-memory implementation of the API's port (palsd.runtime.control.DaemonControl) over the real budget
-book, safety rules and power actuator, and a log that keeps its lines: what the API tests and
-the API fuzz tests drive, without the daemon's loop."""
+"""An in-memory implementation of the API's port (palsd.runtime.control.DaemonControl) over the
+real budget book, safety rules and power actuator, and a log that keeps its lines: what the API
+tests and the API fuzz tests drive, without the daemon's loop."""
 
 from __future__ import annotations
 
