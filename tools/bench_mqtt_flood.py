@@ -63,8 +63,15 @@ def plan(n: int, high_w: float, low_w: float) -> list[float]:
     return [low_w if (n - i) % 2 == 1 else high_w for i in range(n)]
 
 
-async def publish_all(port: int, budgets: list[float], rate_per_s: float) -> dict[str, float]:
+POISON = '{"price_per_mwh":1,"seq":1,"issued_at":%d,"sender":"x","sig":"\u00e9"}'
+
+
+async def publish_all(
+    port: int, budgets: list[float], rate_per_s: float, poison_every: int
+) -> dict[str, float]:
     now = time.time()
+    # issue 12's poison message (a non-ASCII sig), on the price topic, between the budgets
+    poison = (POISON % now).encode()
     payloads = [
         signed_message(
             KEY,
@@ -82,6 +89,8 @@ async def publish_all(port: int, budgets: list[float], rate_per_s: float) -> dic
             if delay > 0:
                 await asyncio.sleep(delay)
             await client.publish(TOPIC, payload, qos=1)
+            if poison_every and (i + 1) % poison_every == 0:
+                await client.publish(f"{PREFIX}/price", poison, qos=1)
         took_s = time.monotonic() - started
     return {"start": started_wall, "end": started_wall + took_s, "took_s": took_s}
 
@@ -185,6 +194,12 @@ def main() -> int:
     parser.add_argument("--low-w", type=float, default=2400.0)
     parser.add_argument("--period-s", type=float, default=0.5, help="palsd control period")
     parser.add_argument("--sample-ms", type=float, default=20.0, help="sim-host sampling")
+    parser.add_argument(
+        "--poison-every",
+        type=int,
+        default=0,
+        help="also publish issue 12's poison message after every N budgets (default: none)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs here")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -223,7 +238,9 @@ def main() -> int:
                         time.sleep(0.05)
                     sampler = LimitSampler(sim["url"], args.sample_ms / 1000)
                     sampler.start()
-                    sent = asyncio.run(publish_all(broker.port, budgets, args.rate))
+                    sent = asyncio.run(
+                        publish_all(broker.port, budgets, args.rate, args.poison_every)
+                    )
                     # The end state: the last budget in force, the limits under it.
                     last_seq, last_w = len(budgets), budgets[-1]
                     applied_last = False
@@ -255,7 +272,8 @@ def main() -> int:
     outcomes = total(metrics, "palsd_mqtt_messages_total") + total(
         metrics, "palsd_mqtt_rejected_total"
     )
-    lost_uncounted = max(0, len(budgets) - int(received + dropped))
+    poisons = len(budgets) // args.poison_every if args.poison_every else 0
+    lost_uncounted = max(0, len(budgets) + poisons - int(received + dropped))
     budget_steps = [(ts(e), float(e["budget_w"])) for e in accepted]
     writes = [(float(e["t_wall"]), float(e["sum_limit_w"])) for e in applied if "t_wall" in e]
     stretches = over_budget_from_log(budget_steps, writes, start_sum_w)
@@ -277,7 +295,8 @@ def main() -> int:
 
     print(
         f"published {len(budgets)} signed budgets in {sent['took_s']:.1f} s "
-        f"({len(budgets) / sent['took_s']:.0f}/s asked {args.rate:.0f}/s), alternating "
+        f"({len(budgets) / sent['took_s']:.0f}/s asked {args.rate:.0f}/s) and {poisons} poison "
+        f"messages, alternating "
         f"{args.high_w:.0f}/{args.low_w:.0f} W; control period {args.period_s} s; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (2 cores shared)"
     )

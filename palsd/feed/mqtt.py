@@ -51,9 +51,9 @@ from palsd.fleet.host_status import with_fleet
 from palsd.fleet.topics import feed_groups, fleet_roles
 from palsd.report.logs import get_logger
 
-# Messages handled per loop iteration at most: about 30 µs each, so a few ms, then the loop
-# (the control tick, a budget enforcement) runs before the next batch.
-MAX_BATCH = 256
+# Messages handled per loop iteration at most: 0.1-0.25 ms each (signed), so at most ~15 ms;
+# then the loop (the control tick, a budget enforcement) runs before the next batch.
+MAX_BATCH = 64
 # The client's incoming queue: far above what a keeping-up feed ever holds (it drains in
 # batches), small enough that a flood cannot exhaust memory. What does not fit is counted.
 MAX_QUEUED = 10_000
