@@ -34,8 +34,9 @@ def _accepts(port: int) -> bool:
 
 
 class Broker:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "") -> None:
         self.workdir = workdir
+        self.extra_config = extra_config  # more mosquitto.conf lines (docs/mqtt.md's advice)
         self.port = port or _free_port()
         self.config = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
@@ -55,7 +56,7 @@ class Broker:
             "allow_anonymous true\n"
             "persistence false\n"
             "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
+            "log_type error\nlog_type warning\nlog_type notice\n" + self.extra_config
         )
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

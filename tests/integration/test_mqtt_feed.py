@@ -382,3 +382,32 @@ async def test_poison_message_leaves_the_session_up_and_the_next_budget_applies(
     assert sink.calls[0][1] is not None and sink.calls[0][1].watts == 2500
     assert feed.state()["connected"] and feed.state()["reconnects_total"] == 0
     assert registry.get_sample_value("palsd_mqtt_received_total") == 2
+
+
+def documented_broker_settings() -> str:
+    """The mosquitto.conf lines docs/mqtt.md recommends for a broker that serves palsd."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mqtt.md").read_text()
+    after = text.split("set in `mosquitto.conf`", 1)[1]
+    block = after.split("```", 2)[1]
+    lines = [line.strip() for line in block.splitlines()]
+    assert any(line.startswith("max_queued_messages") for line in lines), block
+    return "\n".join(lines) + "\n"
+
+
+async def test_the_documented_broker_settings_start_mosquitto_and_carry_budgets(tmp_path):
+    b = Broker(tmp_path / "tuned", extra_config=documented_broker_settings())
+    b.start()
+    try:
+        sink = RecordingSink()
+        feed = MqttFeed(feed_config(b), sink, lambda: STATUS, CollectorRegistry())
+        task = asyncio.create_task(feed.run())
+        try:
+            await until(lambda: feed.state()["connected"], "connected")
+            await publish(b, "test/palsd/h1/budget", encode(budget(1, 2222)))
+            await until(lambda: sink.calls, "budget through the tuned broker")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert "Error" not in b.log_path.read_text()
+    finally:
+        b.stop()
