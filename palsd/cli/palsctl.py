@@ -112,22 +112,30 @@ def render_status(s: dict[str, Any]) -> str:
         )
     lines += ["", _table(rows)]
     if s["servers"]:
-        rows = [["SERVER", "UP", "RUNNING", "WAITING", "BATCH", "TOK/S", "SLO", "URL"]]
+        rows = [["SERVER", "UP", "RUNNING", "WAITING", "BATCH", "BATCH CTL", "TOK/S", "SLO", "URL"]]
+        notes = []
         for v in s["servers"]:
             slo = {True: "met", False: "MISSED", None: "-"}[v.get("slo_met")]
+            control = v.get("batch_control") or "-"
             rows.append(
                 [
                     v["name"],
                     "yes" if v["up"] else "NO",
                     _fmt(v["running"]),
                     _fmt(v["waiting"]),
-                    _fmt(v["batch_limit"]),
+                    _fmt(v["batch_limit"]),  # what the server reports, never palsd's wish
+                    control if control in ("ok", "unknown", "-") else control.upper(),
                     _fmt(v.get("generation_tokens_per_s"), "", 0),
                     slo,
                     v["url"],
                 ]
             )
-        lines += ["", _table(rows)]
+            if control not in ("ok", "unknown", "-"):
+                why = v.get("batch_control_reason") or "no reason given"
+                notes.append(f"  {v['name']}: batch control {control}, cap only: {why}")
+            if not v["up"] and v.get("stale_reason"):
+                notes.append(f"  {v['name']}: signals stale: {v['stale_reason']}")
+        lines += ["", _table(rows)] + (["", *notes] if notes else [])
     last = c.get("last_decision")
     if last:
         lines += ["", "last decision:"] + [f"  - {r}" for r in last["reasons"]]
