@@ -23,12 +23,14 @@ The rules of this file (the API faces every local user, so it assumes some are h
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import resource
 import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,25 @@ class _Guard:
         self.total -= 1
 
 
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def _fit_to_descriptors(limits: ApiLimits) -> ApiLimits:
+    """Never promise more connections than the descriptor limit allows: half of what is left
+    after a reserve for NVML, scrapes, MQTT and files, and at least a few."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limits
+    room = max(8, (soft - 128) // 2)
+    if room >= limits.max_connections:
+        return limits
+    return replace(
+        limits,
+        max_connections=room,
+        max_connections_per_peer=min(limits.max_connections_per_peer, room),
+    )
+
+
 def _peer_key(transport: asyncio.BaseTransport) -> Any:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
@@ -270,6 +291,7 @@ class ApiServer:
         self._socket_inode: int | None = None
         self.tcp_port: int | None = None
         self._throttle = _Throttle(daemon.log)
+        self._previous_handler: Any = None
         self._guard = _Guard(self.limits, self._refused_connection)
 
     def app(self) -> web.Application:
@@ -290,6 +312,11 @@ class ApiServer:
         )
         await self._runner.setup()
         loop = asyncio.get_running_loop()
+        self._guard.limits = _fit_to_descriptors(self.limits)
+        # Out of descriptors anyway (something else used them): asyncio pauses accepting for
+        # 1 s and reports it with a traceback each time; make that one counted line.
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         check_socket_path(self.socket_path)
         self.socket_path.unlink(missing_ok=True)  # palsd's own stale socket (checked above)
@@ -308,7 +335,27 @@ class ApiServer:
         # What web.Server() does for a new connection, with the guard in front.
         return _GuardedHandler(server, self._guard, loop=server._loop, **server._kwargs)
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        accepting = "accept" in str(context.get("message", ""))
+        if accepting and isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+            self.daemon.metrics.api_rejected.labels("out_of_descriptors").inc()
+            self._throttle.warning(
+                "api_accept_failed",
+                "out_of_descriptors",
+                detail=f"{context.get('message', '')}: {exc.strerror}",
+                action="accepting again in 1 s",
+            )
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
     async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() == self._loop_exception:
+            loop.set_exception_handler(self._previous_handler)
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()

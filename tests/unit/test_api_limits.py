@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,62 @@ async def test_a_flood_of_idle_connections_is_capped_and_palsctl_still_works(
     # One line per refusal reason per 10 s, with the count of those suppressed, not 1,068.
     refusals = [ln for ln in port.log.lines if ln[1] == "api_connection_refused"]
     assert 1 <= len(refusals) <= 3, refusals[:5]
+
+
+async def test_out_of_descriptors_is_one_counted_line_and_no_busy_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api, port = await _started(tmp_path)
+    # The client exists (with its pipes) before this process runs out of descriptors.
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import socket, sys; sys.stdin.readline(); s = socket.socket(socket.AF_UNIX);"
+        f"s.connect({str(api.socket_path)!r}); s.sendall(b'GET /v1/health HTTP/1.1\\r\\n"
+        "Host: x\\r\\n\\r\\n'); print(s.recv(100).split()[1].decode())",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert client.stdin is not None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hogs: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+        try:
+            while True:
+                hogs.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass  # every descriptor taken: palsd's accept() now fails with EMFILE
+        client.stdin.write(b"go\n")
+        await client.stdin.drain()
+        deadline = time.monotonic() + 60  # asyncio retries accept once a second: no busy loop
+        while port.rejected("out_of_descriptors") < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        for fd in hogs:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        out, _ = await asyncio.wait_for(client.communicate(), timeout=60)
+    finally:
+        await api.stop()
+    assert out.decode().strip() == "200", "the connection waited in the backlog and was served"
+    assert port.rejected("out_of_descriptors") >= 3
+    lines = [ln for ln in port.log.lines if ln[1] == "api_accept_failed"]
+    assert len(lines) == 1, lines  # one line per 10 s, the rest counted
+    assert not [r for r in caplog.records if r.exc_info], "asyncio logged a traceback"
+
+
+def test_connection_caps_shrink_to_fit_the_descriptor_limit() -> None:
+    from palsd.api.server import _fit_to_descriptors
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if len(os.listdir("/proc/self/fd")) > 200:
+        pytest.skip("this process already holds more than 200 descriptors")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+        fitted = _fit_to_descriptors(ApiLimits(max_connections=256, max_connections_per_peer=32))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert fitted.max_connections == (300 - 128) // 2
+    assert fitted.max_connections_per_peer == 32
