@@ -115,6 +115,15 @@ class LimitSampler(threading.Thread):
                 self.stop_event.wait(self.interval_s)
 
 
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc), NaN if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def ts(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
@@ -238,9 +247,13 @@ def main() -> int:
                         time.sleep(0.05)
                     sampler = LimitSampler(sim["url"], args.sample_ms / 1000)
                     sampler.start()
+                    pids = {"palsd": d.proc.pid, "sim-host": sim["proc"].pid}
+                    pids["mosquitto"] = broker.proc.pid if broker.proc else None
+                    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
                     sent = asyncio.run(
                         publish_all(broker.port, budgets, args.rate, args.poison_every)
                     )
+                    cpu_flood = {n: cpu_s(pid) - cpu_before[n] for n, pid in pids.items()}
                     # The end state: the last budget in force, the limits under it.
                     last_seq, last_w = len(budgets), budgets[-1]
                     applied_last = False
@@ -307,6 +320,11 @@ def main() -> int:
         f"{total(metrics, 'palsd_mqtt_messages_total', kind='superseded'):.0f}, duplicate "
         f"{total(metrics, 'palsd_mqtt_messages_total', kind='duplicate'):.0f}, rejected "
         f"{rejected or 0}; lost uncounted {lost_uncounted}"
+    )
+    print(
+        "CPU seconds during the flood: "
+        + ", ".join(f"{n} {v:.1f}" for n, v in cpu_flood.items())
+        + f" (of {sent['took_s']:.1f} s wall)"
     )
     print(
         f"limit writes by trigger {by_trigger}; ticks in the flood window {len(window)}, "
