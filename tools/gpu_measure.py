@@ -315,6 +315,79 @@ class Load:
         return body, 3.0 * size * size * 2, 2.0 * size**3
 
 
+class Llama8bDecode:
+    """One decode step of a Llama-3.1-8B-shaped model as vLLM runs it in a CUDA graph: per layer
+    RMSNorm, fused QKV, rotary, KV-cache write, attention over the cache (GQA 32/8), o-proj,
+    residual, RMSNorm, gate-up, SiLU-and-mul, down, residual; then final norm, LM head, argmax.
+    Random bf16 weights; every sequence attends over `ctx` cached tokens."""
+
+    hidden, heads, kv_heads, head_dim, ffn, layers, vocab = 4096, 32, 8, 128, 14336, 32, 128256
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        dev = torch.device("cuda:0")
+        self.dev = dev
+        h, f = self.hidden, self.ffn
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        bf = torch.bfloat16
+
+        def w(*shape: int) -> Any:
+            return torch.randn(*shape, device=dev, dtype=bf) * (1.0 / math.sqrt(shape[0]))
+
+        self.w = [(w(h, qkv), w(h, h), w(h, 2 * f), w(f, h)) for _ in range(self.layers)]
+        self.norm = torch.ones(h, device=dev, dtype=bf)
+        self.lm_head = w(h, self.vocab)
+        self.weight_bytes = 2 * (
+            self.layers * (h * qkv + h * h + h * 2 * f + f * h) + h * self.vocab
+        )
+        pos = torch.arange(self.head_dim // 2, device=dev, dtype=torch.float32)
+        ang = 1000.0 * (10000.0 ** (-2 * pos / self.head_dim))
+        self.cos = torch.cat([ang.cos(), ang.cos()]).to(bf)
+        self.sin = torch.cat([ang.sin(), ang.sin()]).to(bf)
+        torch.cuda.synchronize()
+
+    def step(self, batch: int, ctx: int) -> tuple[Any, float, float]:
+        torch = self.torch
+        F = torch.nn.functional
+        h, hd, nh, nkv = self.hidden, self.head_dim, self.heads, self.kv_heads
+        kc = [
+            torch.randn(batch, nkv, ctx + 1, hd, device=self.dev, dtype=torch.bfloat16)
+            for _ in range(self.layers)
+        ]
+        vc = [torch.randn_like(k) for k in kc]
+        x0 = torch.randn(batch, h, device=self.dev, dtype=torch.bfloat16)
+        out = torch.empty(batch, dtype=torch.long, device=self.dev)
+        cos, sin = self.cos, self.sin
+
+        def rope(t: Any) -> Any:
+            a, b = t[..., : hd // 2], t[..., hd // 2 :]
+            return t * cos + torch.cat([-b, a], dim=-1) * sin
+
+        def body() -> None:
+            x = x0
+            for layer, (wqkv, wo, w13, w2) in enumerate(self.w):
+                y = F.rms_norm(x, (h,), self.norm)
+                qkv = y @ wqkv
+                q = qkv[:, : nh * hd].view(batch, nh, 1, hd)
+                k = qkv[:, nh * hd : (nh + nkv) * hd].view(batch, nkv, 1, hd)
+                v = qkv[:, (nh + nkv) * hd :].view(batch, nkv, 1, hd)
+                q, k = rope(q), rope(k)
+                kc[layer][:, :, ctx : ctx + 1].copy_(k)
+                vc[layer][:, :, ctx : ctx + 1].copy_(v)
+                a = F.scaled_dot_product_attention(q, kc[layer], vc[layer], enable_gqa=True)
+                x = x + a.reshape(batch, nh * hd) @ wo
+                y = F.rms_norm(x, (h,), self.norm)
+                gu = y @ w13
+                x = x + (F.silu(gu[:, : self.ffn]) * gu[:, self.ffn :]) @ w2
+            logits = F.rms_norm(x, (h,), self.norm) @ self.lm_head
+            out.copy_(logits.argmax(dim=-1))
+
+        kv_bytes = 2 * self.layers * batch * nkv * (ctx + 1) * hd * 2
+        params = self.weight_bytes / 2
+        flops = 2.0 * params * batch + 4.0 * self.layers * nh * hd * (ctx + 1) * batch
+        return body, float(self.weight_bytes + kv_bytes), flops
+
+
 def summarise(rows: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
     win = [r for r in rows if t0 <= r["t_s"] <= t1]
     out: dict[str, Any] = {"samples": len(win), "duration_s": t1 - t0}
@@ -372,6 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--duty", default="64:0.0005,64:0.002,64:0.005,8:0.002,256:0.002")
     p.add_argument("--matmuls", default="2048,4096,8192")
+    p.add_argument(
+        "--suite",
+        choices=("sweep", "llama8b"),
+        default="sweep",
+        help="sweep: weight streaming, duty cycles, matmuls (run3); llama8b: a Llama-8B-shaped "
+        "decode step at --llama-batches, back to back and with host gaps (--llama-duty)",
+    )
+    p.add_argument("--llama-batches", default="1,8,32,64,128,256")
+    p.add_argument("--llama-ctx", type=int, default=1024)
+    p.add_argument("--llama-duty", default="1:0.001,64:0.001,64:0.003")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python3 tools/gpu_measure.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -409,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    load = Load(torch, args.dim, args.dim, args.layers)
+    load = Load(torch, args.dim, args.dim, args.layers if args.suite == "sweep" else 0)
     t0 = time.monotonic()
     time.sleep(args.idle_s)
     mark("idle_context", "idle", {"t0": t0 + 1.0, "t1": time.monotonic()})
@@ -422,47 +505,69 @@ def main(argv: list[str] | None = None) -> int:
             phases.append({"phase": name, "error": repr(err)})
         torch.cuda.synchronize()
 
-    def do_copy() -> None:
-        body, b, f = load.copy_body(2.0)
-        mark("copy_2gib", "copy", load.run_graphed(body, b, f, args.warm_s, args.measure_s))
+    if args.suite == "llama8b":
+        model = Llama8bDecode(torch)
+        for b in [int(x) for x in args.llama_batches.split(",") if x]:
 
-    guarded("copy", do_copy)
-    for b in [int(x) for x in args.batches.split(",") if x]:
+            def do_llama(b: int = b) -> None:
+                body, nb, f = model.step(b, args.llama_ctx)
+                work = load.run_graphed(body, nb, f, args.warm_s, args.measure_s)
+                mark(f"llama8b_b{b}", "llama8b", work, batch=b, ctx=args.llama_ctx)
 
-        def do_stream(b: int = b) -> None:
-            body, nb, f = load.stream_step(b)
-            work = load.run_graphed(body, nb, f, args.warm_s, args.measure_s)
-            mark(f"stream_b{b}", "stream", work, batch=b)
+            guarded(f"llama8b_b{b}", do_llama)
+        for spec in [x for x in args.llama_duty.split(",") if x]:
+            b_s, gap_s = spec.split(":")
 
-        guarded(f"stream_b{b}", do_stream)
-    for spec in [x for x in args.duty.split(",") if x]:
-        b_s, gap_s = spec.split(":")
+            def do_llama_duty(b: int = int(b_s), gap: float = float(gap_s)) -> None:
+                body, nb, f = model.step(b, args.llama_ctx)
+                work = load.run_duty(body, nb, f, gap, args.warm_s, args.measure_s)
+                name = f"llama8b_b{b}_gap{gap * 1e3:g}ms"
+                mark(name, "llama8b_duty", work, batch=b, ctx=args.llama_ctx, gap_s=gap)
 
-        def do_duty(b: int = int(b_s), gap: float = float(gap_s)) -> None:
-            body, nb, f = load.stream_step(b)
-            work = load.run_duty(body, nb, f, gap, args.warm_s, args.measure_s)
-            mark(f"duty_b{b}_gap{gap * 1e3:g}ms", "duty", work, batch=b, gap_s=gap)
+            guarded(f"llama8b_duty_{spec}", do_llama_duty)
+    else:
 
-        guarded(f"duty_{spec}", do_duty)
-    for size in [int(x) for x in args.matmuls.split(",") if x]:
+        def do_copy() -> None:
+            body, b, f = load.copy_body(2.0)
+            mark("copy_2gib", "copy", load.run_graphed(body, b, f, args.warm_s, args.measure_s))
 
-        def do_mm(size: int = size) -> None:
-            body, nb, f = load.matmul_body(size)
-            work = load.run_graphed(body, nb, f, args.warm_s, args.measure_s)
-            mark(f"matmul_{size}", "matmul", work, size=size)
+        guarded("copy", do_copy)
+        for b in [int(x) for x in args.batches.split(",") if x]:
 
-        guarded(f"matmul_{size}", do_mm)
+            def do_stream(b: int = b) -> None:
+                body, nb, f = load.stream_step(b)
+                work = load.run_graphed(body, nb, f, args.warm_s, args.measure_s)
+                mark(f"stream_b{b}", "stream", work, batch=b)
 
-    def do_repeat() -> None:
-        body, nb, f = load.stream_step(64)
-        mark(
-            "stream_b64_again",
-            "stream",
-            load.run_graphed(body, nb, f, 1.0, args.measure_s),
-            batch=64,
-        )
+            guarded(f"stream_b{b}", do_stream)
+        for spec in [x for x in args.duty.split(",") if x]:
+            b_s, gap_s = spec.split(":")
 
-    guarded("stream_b64_again", do_repeat)
+            def do_duty(b: int = int(b_s), gap: float = float(gap_s)) -> None:
+                body, nb, f = load.stream_step(b)
+                work = load.run_duty(body, nb, f, gap, args.warm_s, args.measure_s)
+                mark(f"duty_b{b}_gap{gap * 1e3:g}ms", "duty", work, batch=b, gap_s=gap)
+
+            guarded(f"duty_{spec}", do_duty)
+        for size in [int(x) for x in args.matmuls.split(",") if x]:
+
+            def do_mm(size: int = size) -> None:
+                body, nb, f = load.matmul_body(size)
+                work = load.run_graphed(body, nb, f, args.warm_s, args.measure_s)
+                mark(f"matmul_{size}", "matmul", work, size=size)
+
+            guarded(f"matmul_{size}", do_mm)
+
+        def do_repeat() -> None:
+            body, nb, f = load.stream_step(64)
+            mark(
+                "stream_b64_again",
+                "stream",
+                load.run_graphed(body, nb, f, 1.0, args.measure_s),
+                batch=64,
+            )
+
+        guarded("stream_b64_again", do_repeat)
     t_last = time.monotonic()
     time.sleep(args.idle_s + 3.0)
     mark("idle_after", "idle", {"t0": t_last, "t1": time.monotonic()})
@@ -487,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit_unchanged": before["power_limit_w"] == after["power_limit_w"],
         "setters_blocked": len(blocked),
         "sampler_errors": sampler.errors,
+        "suite": args.suite,
         "shape": {"dim": args.dim, "layers": args.layers, "weight_bytes": load.weight_bytes},
         "phases": phases,
     }

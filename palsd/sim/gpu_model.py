@@ -1,7 +1,7 @@
 """GPU presets and the per-GPU power / clock / telemetry state of the twin.
 
-Power model (per GPU, watts), fitted to read-only measurements on an H200 and checked against
-two H100s (docs/hardware.md, docs/twin.md):
+Power model (per GPU, watts), fitted to read-only measurements on three H200s and checked
+against two H100s (docs/hardware.md, docs/twin.md):
 
     P(f, B, R) = idle(f) + v(f)^2 * (flop_j * R + byte_core_j * B) + byte_mem_j * B
     idle(f)    = idle_base_w + idle_clock_w * (f / f_max)^3
@@ -161,12 +161,14 @@ class GpuSpec:
         return SteadyStep(p, f, sps, capped, b, r)
 
 
-# H200 SXM 141GB, measured read-only on a lent H200 (docs/hardware/run3_h200, 2026-11-30):
-# NVML limits 200..700 W (default 700); idle 77 W at 345 MHz with no context, 122 W at
-# 1980 MHz with one; a CUDA-graphed weight-streaming GEMV reads 4.0 TB/s (datasheet 4.8);
+# H200 SXM 141GB, measured read-only on three lent H200s (docs/hardware/run3_h200, run4, run5,
+# 2026-11-30): NVML limits 200..700 W (default 700); idle 77-80 W at 345 MHz with no context,
+# 122-126 W at 1980 MHz with one; a CUDA-graphed weight-streaming GEMV reads 4.0 TB/s (4.8 on
+# the datasheet);
 # bf16 GEMM 790 TFLOP/s at 1980 MHz (KINDS.md) and 663 at the 1455 MHz the 700 W cap held,
 # which a 1027 TFLOP/s clock-scaled peak (datasheet 989) under a 967 TFLOP/s feed ceiling
-# gives. Energy terms least-squares fitted to the 19 steady points of that run.
+# gives. Energy terms least-squares fitted to 38 steady points on the three cards (streams, duty
+# cycles, Llama-8B-shaped decode steps): a typical card; cards differ by ~12% in dynamic power.
 H200 = GpuSpec(
     name="NVIDIA H200",
     min_limit_w=200.0,
@@ -180,9 +182,9 @@ H200 = GpuSpec(
     flops_ceiling_per_s=967e12,
     idle_base_w=77.16,
     idle_clock_w=44.84,
-    flop_j=1.02e-12,
-    byte_core_j=87.5e-12,
-    byte_mem_j=34.7e-12,
+    flop_j=1.01e-12,
+    byte_core_j=65.5e-12,
+    byte_mem_j=47.4e-12,
     volt_floor_frac=0.5,
     bw_knee_frac=0.55,
     nvlink_bytes_per_s=450e9,
@@ -191,8 +193,8 @@ H200 = GpuSpec(
 # H100 SXM5 80GB: the H200's GH100 die with 80 GB of HBM3 (3.35 TB/s datasheet; weight streaming
 # at the H200's 83% of datasheet gives 2.8, a copy ~3.0 measured: 2.9 taken). Limits and idle
 # from NVML on two real H100s (docs/hardware.md): 75 W at 345 MHz, 121 W at 1980 MHz (a second
-# card read 129-132 W). Energy terms are the H200's: with them the model reproduces both H100
-# runs' decode and matmul points (docs/twin.md).
+# card read 129-132 W). Energy terms are the H200's (the same GH100 die): with them the model
+# reproduces both H100 cards' decode loop (-9..-3%) and matmul (+2..+5%) points (docs/twin.md).
 H100 = GpuSpec(
     name="NVIDIA H100 80GB HBM3",
     min_limit_w=200.0,
@@ -206,9 +208,9 @@ H100 = GpuSpec(
     flops_ceiling_per_s=967e12,
     idle_base_w=74.75,
     idle_clock_w=46.25,
-    flop_j=1.02e-12,
-    byte_core_j=87.5e-12,
-    byte_mem_j=34.7e-12,
+    flop_j=1.01e-12,
+    byte_core_j=65.5e-12,
+    byte_mem_j=47.4e-12,
     volt_floor_frac=0.5,
     bw_knee_frac=0.55,
     nvlink_bytes_per_s=450e9,
@@ -232,9 +234,9 @@ A100 = GpuSpec(
     flops_ceiling_per_s=306e12,
     idle_base_w=55.0,
     idle_clock_w=30.0,
-    flop_j=1.02e-12,
-    byte_core_j=87.5e-12,
-    byte_mem_j=34.7e-12,
+    flop_j=1.01e-12,
+    byte_core_j=65.5e-12,
+    byte_mem_j=47.4e-12,
     volt_floor_frac=0.5,
     bw_knee_frac=0.55,
     nvlink_bytes_per_s=250e9,
@@ -326,6 +328,9 @@ class GpuState:
         target = self.power_limit_w * spec.cap_target_frac
         if power_w <= target and f >= spec.max_clock_mhz:
             return  # the usual case with headroom: nothing to steer
+        # what the firmware holds is the 1 s average: while it is over, aim the next 100 ms
+        # under the limit by as much (the integral action that removes a standing overshoot)
+        target -= max(0.0, self.power_avg_w - target)
         goal = _solve_clock_mhz(spec, target, bytes_per_s, flops_per_s, f)
         f += (goal - f) * (1.0 - math.exp(-dt_s / spec.settle_tau_s))
         # snap the last fraction of a MHz (the real clock moves in 15 MHz steps) so that a GPU

@@ -149,18 +149,22 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 ITER_OVERHEAD_S = 1.0e-3
 PER_SEQ_OVERHEAD_S = 6e-6
 SMALL_KERNEL_S = 3.0e-6
+# Decode attention reads the KV cache at this fraction of the weight-streaming bandwidth
+# (measured: a CUDA-graphed Llama-8B step on an H200 at batch 128-256, docs/hardware.md run4)
+KV_READ_EFFICIENCY = 0.8
 ALLREDUCE_LATENCY_S = 8e-6
 
 
 @dataclass(frozen=True)
 class IterationCost:
-    mem_s: float  # time to move the bytes at the clock's bandwidth
+    mem_s: float  # the bytes moved, at the clock's bandwidth (what power is charged for)
     comp_s: float  # time for the FLOPs at the clock's compute rate
     overhead_s: float
+    kv_extra_s: float = 0.0  # attention reads its KV bytes slower than weights stream
 
     @property
     def time_s(self) -> float:
-        return step_time_s(self.mem_s, self.comp_s) + self.overhead_s
+        return step_time_s(self.mem_s + self.kv_extra_s, self.comp_s) + self.overhead_s
 
 
 def iteration_cost(
@@ -203,11 +207,16 @@ def iteration_cost(
             gpu.nvlink_bytes_per_s
         )
         overhead += 2 * model.layers * per_reduce
+    bw = gpu.bw_at(clock_mhz)
     return IterationCost(
-        mem_s=bytes_ / gpu.bw_at(clock_mhz),
+        mem_s=bytes_ / bw,
         comp_s=flops / gpu.flops_at(clock_mhz),
         overhead_s=overhead,
+        kv_extra_s=kv * decode_ctx_tokens / tp / bw * (1.0 / KV_READ_EFFICIENCY - 1.0),
     )
+
+
+_KV_SLOW = 1.0 / KV_READ_EFFICIENCY - 1.0
 
 
 def small_kernel_s(model: ModelSpec, gpu: GpuSpec, clock_mhz: float) -> float:
@@ -257,6 +266,7 @@ class CostModel:
             weights = self._fixed_b + self._expert_b * self._model.experts_touched(tokens)
             self._weights[tokens] = weights
         mem = (weights + self._kv_b * (decode_ctx_tokens + tokens)) * self._inv_bw
+        kv_extra = self._kv_b * decode_ctx_tokens * self._inv_bw * _KV_SLOW
         comp = (
             self._flop_tok * tokens + self._attn * (decode_ctx_tokens + prefill_attend_tokens)
         ) * self._inv_fl
@@ -267,4 +277,4 @@ class CostModel:
             + self._ar_fixed
             + self._ar_tok * tokens
         )
-        return step_time_s(mem, comp) + overhead, mem, comp
+        return step_time_s(mem + kv_extra, comp) + overhead, mem, comp

@@ -42,7 +42,8 @@ H200_POINTS = {
 @pytest.mark.parametrize("batch", sorted(H200_POINTS))
 def test_measured_h200_points_reproduced(capsys: pytest.CaptureFixture[str], batch: int) -> None:
     """Tolerance: steps/s ±6%, clock ±10%, capped exactly as measured, power at most the limit
-    (measured 1 s averages 691-696 W when capped, 612-671 W when not)."""
+    (measured 1 s averages 691-696 W when capped; 612-671 W uncapped on this card, 543-602 W
+    on another: the twin is a typical card)."""
     bytes_, flops, sps, mhz, capped = H200_POINTS[batch]
     got = twin_step(
         capsys, "--gpu", "h200", "--limit-w", "700", "--bytes", str(bytes_), "--flops", str(flops)
@@ -50,16 +51,17 @@ def test_measured_h200_points_reproduced(capsys: pytest.CaptureFixture[str], bat
     assert got["steps_per_s"] == pytest.approx(sps, rel=0.06)
     assert got["sm_mhz"] == pytest.approx(mhz, rel=0.10)
     assert got["capped"] is capped
-    assert 600 <= got["power_w"] <= 700  # type: ignore[operator]
+    assert 540 <= got["power_w"] <= 700  # type: ignore[operator]  # 543-612 W on two cards
     if capped:
         assert got["power_w"] == pytest.approx(693, abs=5)
 
 
-def test_uncapped_batch_1_draws_what_the_h200_drew(capsys: pytest.CaptureFixture[str]) -> None:
+def test_uncapped_batch_1_draws_what_the_h200s_drew(capsys: pytest.CaptureFixture[str]) -> None:
     got = twin_step(
         capsys, "--gpu", "h200", "--limit-w", "700", "--bytes", "6.444e9", "--flops", "6.442e9"
     )
-    assert got["power_w"] == pytest.approx(612.2, rel=0.03)  # measured 612.2 W (1 s average)
+    # measured (1 s average): 612 W on card 1 (run3), 543 W on card 3 (run5); a typical card
+    assert 543 * 0.97 <= got["power_w"] <= 612 * 1.03  # type: ignore[operator]
 
 
 def test_measured_h100_matmul_at_700_w(capsys: pytest.CaptureFixture[str]) -> None:
