@@ -107,14 +107,14 @@ def _write_pid(state_dir: Path) -> None:
 def claim(command: str, state_dir: Path, socket_path: Path | None = None) -> InstanceLock | None:
     """Take the lock (and, for `palsd run`, check the API socket path); on refusal print one
     line naming the problem and return None: the caller exits 2 having changed nothing."""
-    from palsd.api.server import check_socket_path
-
     try:
         lock = InstanceLock.acquire(state_dir)
     except StartRefused as err:
         print(f"palsd {command}: {err}", file=sys.stderr)
         return None
     if socket_path is not None:
+        from palsd.api.server import check_socket_path  # only `palsd run` serves the API
+
         try:
             check_socket_path(socket_path)
         except StartRefused as err:
