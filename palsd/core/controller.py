@@ -59,7 +59,8 @@ class JointParams:
     cap_step_up_w: float = 25.0
     danger_step_up_w: float = 75.0
     draw_margin_w: float = 40.0  # a cap this far above the draw does not bind
-    efficiency_eps: float = 0.01  # a neighbour must beat the current cap by this share
+    efficiency_eps: float = 0.01  # a neighbour must beat the current cap by this share ...
+    noise_gain: float = 0.5  # ... or by the window's noise, noise_gain / sqrt(requests)
     # Host power (PALS's IPMI fit, arXiv 2605.21427): 1.05 x sum(P_GPU) + host_fixed_w.
     host_gpu_factor: float = 1.05
     host_fixed_w: float = 345.0
@@ -325,13 +326,16 @@ class JointController:
         may_up = up > cap + 0.5 and not st.starved and binds
         e_down = self._efficiency(st, now_s, rps, down, host_share_w) if may_down else None
         e_up = self._efficiency(st, now_s, rps, up, host_share_w) if may_up else None
+        # What counts as "better" must clear the measurement's noise: tokens in a window are
+        # a Poisson count, relative noise ~ 1/sqrt(requests in the window). Within the noise
+        # the lower cap wins (it draws less and leaves more of any budget), so a probe upwards
+        # stays only if it is clearly better, and a flat curve is walked down.
+        eps = max(p.efficiency_eps, p.noise_gain / math.sqrt(max(1.0, rps * p.dwell_s)))
         choice: tuple[float, str] | None = None
-        best, best_e = cap, here
-        for c, e in ((down, e_down), (up, e_up)):
-            if e is not None and e > best_e * (1.0 + p.efficiency_eps):
-                best, best_e = c, e
-        if best != cap:
-            choice = (best, f"more tokens/J there ({best_e:.2f} vs {here:.2f})")
+        if e_up is not None and e_up > here * (1.0 + eps):
+            choice = (up, f"more tokens/J there ({e_up:.2f} vs {here:.2f})")
+        elif e_down is not None and e_down * (1.0 + eps) > here:
+            choice = (down, f"as many tokens/J there for less power ({e_down:.2f} vs {here:.2f})")
         elif may_down and e_down is None:
             choice = (down, f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)")
         elif may_up and e_up is None:

@@ -47,7 +47,7 @@ def settle(tokens: Callable[[float], float], start_w: float, minutes: float) -> 
     while t < minutes * 60.0:
         cap = limits[0]
         sig = dataclasses.replace(
-            signals(itl_s=0.03, ttft_s=0.2, running=40, requests_per_s=10.0),
+            signals(itl_s=0.03, ttft_s=0.2, running=120, requests_per_s=30.0),
             generation_tokens_per_s=tokens(cap),
         )
         gpus = [gpu(i, power_w=limits[i], limit_w=limits[i]) for i in (0, 1)]
@@ -77,7 +77,7 @@ def test_the_search_settles_near_the_plants_tokens_per_joule_optimum(
     def eff(c: float) -> float:
         return curve(c) / (1.05 * 2 * c + HOST_SHARE_W)
 
-    # Over the last six minutes (re-probes included) the cap stays near the optimum and the
-    # plant delivers at least 97% of its best tokens/J on average.
+    # A busy server (30 requests/s). Over the last six minutes (re-probes included) the cap
+    # stays near the optimum and the plant delivers at least 97% of its best tokens/J.
     assert abs(mean_cap - best) <= 50.0, (name, start_w, mean_cap, best)
     assert sum(eff(c) for c in caps) / len(caps) >= 0.97 * eff(best)
