@@ -222,7 +222,7 @@ class MqttFeed:
             return SeqBook.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             return SeqBook()
-        except (OSError, ValueError) as err:
+        except Exception as err:  # OSError, bad JSON, too deep, not what to_json wrote
             # Refuse nothing and trust nothing stale: start empty, but say so loudly.
             self.log.error("mqtt_seq_record_unreadable", path=str(path), error=str(err))
             return SeqBook()

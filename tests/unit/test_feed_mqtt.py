@@ -187,3 +187,15 @@ def test_budget_age_is_nan_until_the_first_budget() -> None:
     assert math.isnan(value(registry, "palsd_facility_budget_age_seconds"))
     feed.handle(HOST, budget(1, 3000))
     assert value(registry, "palsd_facility_budget_age_seconds") == 0.0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[" * 100_000, b"\xff\xfe", b'{"x": 1}', b'[["t", "s", 1]]', b""],
+    ids=["too deep", "not UTF-8", "not a list", "short row", "empty"],
+)
+def test_an_unreadable_sequence_book_starts_empty_and_says_so(tmp_path: Path, content) -> None:
+    path = tmp_path / "mqtt-seq.json"
+    path.write_bytes(content)
+    feed, _, _ = make_feed()
+    assert feed._load_seqs(path) == SeqBook()
