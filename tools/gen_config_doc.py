@@ -130,8 +130,13 @@ def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
     if origin is Annotated:  # e.g. a list of bounded integers: name the type and its bounds
         base, *meta = get_args(annotation)
-        bounds = _constraints(FieldInfo.merge_field_infos(*[m for m in meta if isinstance(
-            m, FieldInfo)])) if any(isinstance(m, FieldInfo) for m in meta) else ""
+        bounds = (
+            _constraints(
+                FieldInfo.merge_field_infos(*[m for m in meta if isinstance(m, FieldInfo)])
+            )
+            if any(isinstance(m, FieldInfo) for m in meta)
+            else ""
+        )
         return _type_name(base) + (f" ({bounds})" if bounds else "")
     if origin in (types.UnionType, typing.Union):
         parts = [_type_name(a) for a in get_args(annotation) if a is not type(None)]
@@ -169,7 +174,10 @@ def _constraints(field: FieldInfo) -> str:
     out = []
     for m in field.metadata:
         for cls, attr, sign in (
-            (at.Gt, "gt", ">"), (at.Ge, "ge", ">="), (at.Lt, "lt", "<"), (at.Le, "le", "<=")
+            (at.Gt, "gt", ">"),
+            (at.Ge, "ge", ">="),
+            (at.Lt, "lt", "<"),
+            (at.Le, "le", "<="),
         ):
             if isinstance(m, cls):
                 out.append(f"{sign} {getattr(m, attr)}")
@@ -192,9 +200,7 @@ def _meaning(key: str, field: FieldInfo, seen: set[str]) -> str:
     return field.description or MEANINGS.get(key, "")
 
 
-def _rows(
-    model: type[BaseModel], prefix: str, seen: set[str]
-) -> list[tuple[str, list[str]]]:
+def _rows(model: type[BaseModel], prefix: str, seen: set[str]) -> list[tuple[str, list[str]]]:
     """(section heading, table rows) for model and, after it, each nested section."""
     rows: list[str] = []
     nested: list[tuple[str, list[str]]] = []
@@ -227,8 +233,12 @@ def problems() -> list[str]:
     """Keys without a meaning, and MEANINGS entries that name no key."""
     seen: set[str] = set()
     sections = _rows(PalsdConfig, "", seen)
-    out = [f"{row.split('`')[1]}: no meaning" for _, rows in sections for row in rows
-           if row.rstrip().endswith("|  |")]
+    out = [
+        f"{row.split('`')[1]}: no meaning"
+        for _, rows in sections
+        for row in rows
+        if row.rstrip().endswith("|  |")
+    ]
     out += [f"{key}: in MEANINGS but not in the schema" for key in sorted(set(MEANINGS) - seen)]
     return out
 
