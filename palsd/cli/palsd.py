@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe-vllm": ("palsd.sense.probe_cli", "scrape a vLLM server twice and print its signals"),
     "restore": ("palsd.act.restore_cli", "put back the power and batch limits palsd changed"),
     "sign-budget": ("palsd.feed.sign_cli", "print a signed MQTT budget or price message"),
+    "coordinator": ("palsd.fleet.cli", "run the fleet coordinator of one group (docs/fleet.md)"),
 }
 
 

@@ -8,7 +8,8 @@ Rules of this file (the safety argument is in docs/fleet.md; these are its coord
    - every allocation sent since with a higher seq (the host may get any of them), and the
      latest one sent while unexpired (a restarted host may get it again, retained);
    - the fixed share of the group budget while the host reports no allocation of ours (it
-     may hold its share from a fallback or another coordinator) or never reported;
+     may hold its share from a fallback or another coordinator) or never reported; a host
+     that reports joining holds 0 W, but its floor is reserved (its GPUs sit at their minimums);
    - infinity for a host whose allocation may come from this coordinator's previous life,
      until one allocation lifetime after the start (those have all expired by then).
 2. Lowering is always allowed: an allocation at or under `may_hold_w` cannot raise the bound.
@@ -211,6 +212,13 @@ class Coordinator:
                 if e is not None:
                     e.basis_w = max(e.basis_w, watts)
 
+    def on_own_allocation(self, host_id: str, seq: int) -> None:
+        """An allocation of ours seen on the broker (retained from a previous life): later
+        sequence numbers must be higher."""
+        m = self.members.get(host_id)
+        if m is not None:
+            m.last_seq = max(m.last_seq, seq)
+
     def on_report(self, report: HostReport) -> None:
         m = self.members.get(report.host_id)
         if m is None:
@@ -251,10 +259,14 @@ class Coordinator:
             return own, own
         if r is None:
             return max(own, share_w), own  # never reported: whatever its share allows
-        if r.held_seq is not None:  # holds (or fell back from) a previous life's allocation
-            return max(own, r.held_w or 0.0, share_w), own
+        if r.held_seq is not None:
+            # A previous life's allocation: past the warm-up all of those have expired, so the
+            # host holds its fallback, the lower of one of them and its share: at most share.
+            return max(own, share_w), own
         if r.joining and not self.params.peers:
-            return own, own  # holds its floor until one of our allocations arrives
+            # Holds 0 W until one of our allocations arrives, but its GPUs sit at their
+            # minimum limits: reserve its floor, so the limits themselves stay in the budget.
+            return max(own, r.floor_w), own
         return max(own, share_w), own  # may hold its share (a peer's allocation, a fallback)
 
     def may_hold_w(self, host_id: str, now_s: float) -> float:
@@ -291,7 +303,8 @@ class Coordinator:
         allocation = allocate(max(0.0, g - reserved), needs)
         sends: list[Send] = []
         blocked: list[str] = []
-        over = math.fsum(bounds.values()) > g
+        total = math.fsum(bounds.values())
+        over = total > g
         raises: dict[str, float] = {}
         for h, target in sorted(allocation.watts.items()):
             bound, own = self._bound(self.members[h], now_s)
@@ -307,25 +320,27 @@ class Coordinator:
                 raises[h] = target
         # Raises, most unmet first: only into what the ledger says is free.
         for h in sorted(raises, key=lambda k: (-(raises[k] - bounds[k]), k)):
-            bounds = self.ledger(now_s)
-            room = g - math.fsum(b for k, b in bounds.items() if k != h)
+            room = g - (total - bounds[h])
             give = min(raises[h], room)
+            m = self.members[h]
             if give >= bounds[h] + self.params.min_change_w:
                 send = self._maybe_send(h, give, now_s, force=True)
                 if send is not None:
                     sends.append(send)
+                new_bound = self._bound(m, now_s)[0]
+                total += new_bound - bounds[h]
+                bounds[h] = new_bound
                 if give < raises[h] - _EPS_W:
                     blocked.append(h)
                 continue
             blocked.append(h)
-            m = self.members[h]
             own = self._bound(m, now_s)[1]
             if m.latest is not None and own > 0:
                 # Keep what it holds alive; never more than our own allocations account for.
                 send = self._maybe_send(h, min(own, m.latest.watts), now_s, force=False)
                 if send is not None:
                     sends.append(send)
-        return Round(tuple(sends), allocation, self.ledger(now_s), tuple(blocked), stale)
+        return Round(tuple(sends), allocation, bounds, tuple(blocked), stale)
 
     def _maybe_send(self, host_id: str, watts: float, now_s: float, force: bool) -> Send | None:
         m = self.members[host_id]
