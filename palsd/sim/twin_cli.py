@@ -1,7 +1,7 @@
 """`palsd twin step`: the twin's steady state for one repeated GPU step, from its physics alone.
 
-    palsd twin step --gpu h200 --limit-w 700 --bytes 6.4e9 --flops 4.1e11 --json
-    {"power_w": 693.0, "sm_mhz": 1496.4, "steps_per_s": 601.1, "capped": true}
+    palsd twin step --gpu h200 --limit-w 700 --bytes 6.543e9 --flops 4.123e11 --json
+    {"power_w": 693.0, "sm_mhz": 1562.9, "steps_per_s": 601.9052, "capped": true}
 
 A step reads --bytes from HBM and does --flops bf16 tensor-core FLOPs; it is repeated back to
 back (no gap) under a power limit of --limit-w. The answer is where the firmware's cap loop
