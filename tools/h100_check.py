@@ -923,10 +923,12 @@ def twin_compare(summary_path: Path) -> int:
             alone_work = batch / c.time_s
             twin_w = H100.busy_power_w(f_max, u_mem, u_comp)
         elif "tflop_per_s" in r:
-            u_comp = 1.0
-            twin_w = H100.busy_power_w(mhz or f_max, 0.0, 1.0)  # at the clock the cap held
-            alone_w = H100.busy_power_w(f_max, 0.0, 1.0)  # the twin never caps: below 700 W
-            alone_work = H100.flops_at(f_max) / 1e12
+            n = int(name.split("_")[1])
+            u_comp = r["tflop_per_s"] * 1e12 / H100.flops_at(mhz or f_max)
+            twin_w = H100.busy_power_w(mhz or f_max, 0.0, u_comp)  # at the clock the cap held
+            st = H100.steady_step(3.0 * n * n * 2, 2.0 * n**3, 700.0)  # the twin's own cap loop
+            alone_w = st.power_w
+            alone_work = st.flops_per_s / 1e12
         else:
             twin_w = H100.idle_w(mhz or H100.idle_clock_mhz)
         print(
