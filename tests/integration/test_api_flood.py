@@ -36,6 +36,9 @@ sys.stdin.read()  # hold them until the test closes our stdin
 """
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+# The flood needs only the standard library, from an interpreter uid 65534 may execute (this
+# checkout's may live under root's home).
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
 
 
 def _flooder_reason() -> str | None:
@@ -43,6 +46,8 @@ def _flooder_reason() -> str | None:
         return "needs root to run the flood as another user"
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
+    if SYSTEM_PYTHON is None:
+        return "no python3 in /usr/bin or /bin for the other user to run the flood with"
     return None
 
 
@@ -74,7 +79,7 @@ def test_idle_connection_flood_leaves_palsctl_working_and_the_log_small(
         cfg = palsd_config(sim, tmp_path, api={"socket": str(open_dir / "palsd.sock")})
         with palsd(tmp_path, cfg, nofile=1024) as d:
             flooder = subprocess.Popen(
-                [*NOBODY, "/usr/bin/python3", "-c", FLOOD, str(d.socket), str(flood_n)],
+                [*NOBODY, str(SYSTEM_PYTHON), "-c", FLOOD, str(d.socket), str(flood_n)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
