@@ -9,7 +9,8 @@ private tmpfs on /tmp, /var/tmp and /run and masks every systemd-tmpfiles unit (
 (DefaultDependencies=no). It runs in a cgroup subtree of its own, with resource accounting off,
 so it creates nothing in the machine's controllers beyond that subtree, which is removed after.
 Test files live in a directory created under /var/lib (/tmp is private in the namespace), and a
-canary file in the real /tmp is checked at the end.
+canary file in the real /tmp is checked at the end. On a machine that itself runs systemd as PID 1
+the test skips (a second systemd would need a delegated cgroup subtree, not set up here).
 
 What the test copy of the unit changes, and why (everything else is the shipped unit):
 - the Exec paths point at this checkout's palsd and the test's config;
@@ -67,11 +68,15 @@ mkdir -p /run/systemd/system.control /run/systemd/system /run/systemd/system.con
 for u in {masked}; do ln -s /dev/null /run/systemd/system.control/$u; done
 cp -r "$WORK"/units/. /run/systemd/system/
 cp "$WORK"/system.conf /run/systemd/system.conf.d/palsd-test.conf
-for h in systemd unified; do
-  if [ -d /sys/fs/cgroup/$h ]; then
-    mkdir -p /sys/fs/cgroup/$h/$NAME && echo 0 > /sys/fs/cgroup/$h/$NAME/cgroup.procs
-  fi
-done
+if [ -f /sys/fs/cgroup/cgroup.procs ]; then  # cgroup v2 only: one subtree
+  mkdir -p /sys/fs/cgroup/$NAME && echo 0 > /sys/fs/cgroup/$NAME/cgroup.procs
+else  # v1 or hybrid: the systemd hierarchy, and the unified one if mounted
+  for h in systemd unified; do
+    if [ -d /sys/fs/cgroup/$h ]; then
+      mkdir -p /sys/fs/cgroup/$h/$NAME && echo 0 > /sys/fs/cgroup/$h/$NAME/cgroup.procs
+    fi
+  done
+fi
 exec env -i container=palsd-test PATH=/usr/sbin:/usr/bin:/sbin:/bin \\
   {systemd} --system --unit=palsd-test.target --log-target=console --log-level=info \\
   </dev/null >"$WORK/systemd.log" 2>&1
@@ -101,11 +106,15 @@ def _unavailable() -> str | None:
             return f"{tool} (util-linux) is not installed"
     if not SYSTEMD.exists():
         return f"{SYSTEMD} is not installed (apt-get install systemd)"
+    if Path("/run/systemd/system").is_dir():
+        # The machine itself runs systemd, which owns the cgroup tree: a second one would need a
+        # delegated subtree (systemd-run --scope -p Delegate=yes, unshare --cgroup); not done.
+        return "this machine is booted with systemd; the test boots its own only where it is not"
     if (
         not Path("/sys/fs/cgroup/systemd").is_dir()
         and not Path("/sys/fs/cgroup/cgroup.procs").exists()
     ):
-        return "no systemd cgroup hierarchy to give the namespaced systemd a subtree of"
+        return "no cgroup hierarchy to give the namespaced systemd a subtree of"
     return None
 
 
@@ -196,7 +205,7 @@ def booted(work: Path) -> Iterator[Namespace]:
         except subprocess.TimeoutExpired:
             unshare.kill()
             unshare.wait()
-        for hierarchy in ("systemd", "unified"):
+        for hierarchy in ("systemd", "unified", ""):
             top = Path("/sys/fs/cgroup") / hierarchy / name
             if top.is_dir():
                 for path in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
