@@ -136,3 +136,28 @@ def test_traces_step_through_the_same_fractions_of_any_run_length() -> None:
     mixed = build_scenario("mixed", seed=1)
     assert mixed.long_share is not None
     assert {s for _, s in mixed.long_share.steps} >= {0.0, 1.0}
+
+
+def test_the_sims_window_gives_what_the_daemons_signal_window_gives() -> None:
+    from palsd.sense.signals import SignalWindow
+    from palsd.sim.simulate import _Sensor
+
+    setup = MODELS["mixtral"]
+    host = build_host(setup, build_scenario("efficiency", 1), seed=1)
+    sensor = _Sensor(host, setup, seed=1, blind=False)
+    window = SignalWindow()
+    for tick in range(60):
+        now_s = tick * 0.5
+        window = window.push(now_s, host.scrape(0))
+        theirs = window.report()
+        ours = sensor.signals(0, now_s)
+        assert theirs is not None
+        assert ours.requests_per_s == pytest.approx(theirs.server.requests_per_s)
+        assert ours.generation_tokens_per_s == pytest.approx(theirs.server.generation_tokens_per_s)
+        assert ours.itl_s == theirs.server.itl_s and ours.ttft_s == theirs.server.ttft_s
+        assert (ours.running, ours.waiting, ours.window_s) == (
+            theirs.server.running,
+            theirs.server.waiting,
+            theirs.server.window_s,
+        )
+        host.step(0.5)
