@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 
 class TopicError(ValueError):
@@ -96,5 +97,9 @@ class FeedTopics:
     def subscriptions(self) -> list[str]:
         return list(self.routes())
 
+    @cached_property
+    def _route_table(self) -> dict[str, Route]:
+        return self.routes()  # built once: route() runs for every message
+
     def route(self, topic: str) -> Route | None:
-        return self.routes().get(topic)
+        return self._route_table.get(topic)

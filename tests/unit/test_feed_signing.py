@@ -9,9 +9,13 @@ import subprocess
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from palsd.feed.signing import (
     NotCanonical,
+    _flat,
+    _jcs,
     canonical_json,
     sign,
     signature_problem,
@@ -164,3 +168,34 @@ def test_javascript_json_stringify_gives_the_same_canonical_form() -> None:
         ["node", "-e", script], input=json.dumps(fields).encode(), capture_output=True, check=True
     )
     assert out.stdout == canonical_json(fields)
+
+
+_flat_values = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(["\ud800", "é\u2028", 2**53, 2.0**53, 1e-4, 9.99e-5, 0.5, -0.0, 1e16])
+)
+
+
+@settings(max_examples=1500, derandomize=True, database=None, deadline=None)
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["budget_w", "seq", "issued_at", "sender", "reason", "é", "\ud800"])
+        | st.text(max_size=4),
+        _flat_values,
+        max_size=7,
+    )
+)
+def test_fast_path_writes_what_the_general_rfc_8785_path_writes(fields: dict[str, Any]) -> None:
+    fields.pop("sig", None)  # never signed, so never canonicalised
+    fast = _flat(fields)
+    try:
+        general: bytes | None = _jcs(fields, 0).encode("utf-8")
+    except NotCanonical:
+        general = None
+    if fast is not None:
+        assert fast == general
+    assert (canonical_json(fields) if general is not None else None) == general
