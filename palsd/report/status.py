@@ -121,3 +121,17 @@ def build_status(
     if extra:
         status.update(extra)
     return status
+
+
+def health_model(
+    last_tick_at: float | None, now_s: float, period_s: float, record_problem: str | None
+) -> dict[str, Any]:
+    """GET /v1/health: ok while ticks complete (one within five periods, at least 5 s); a
+    state record that cannot be saved is reported beside it."""
+    age = None if last_tick_at is None else max(0.0, now_s - last_tick_at)
+    return {
+        "ok": age is not None and age < max(5.0, 5 * period_s),
+        "last_tick_age_s": age,
+        "state_record_ok": record_problem is None,
+        "state_record_problem": record_problem,
+    }

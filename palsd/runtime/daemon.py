@@ -39,7 +39,8 @@ from palsd.core.types import (
 )
 from palsd.errors import GpuError
 from palsd.report.metrics import Metrics
-from palsd.report.status import build_status
+from palsd.report.status import build_status, health_model
+from palsd.runtime.budgets import BudgetDesk
 from palsd.runtime.notify import Notifier
 from palsd.sense.gpu import GpuBackend
 from palsd.sense.scraper import GpuReader, ServerScraper
@@ -74,26 +75,23 @@ class Daemon:
         restore: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.actuator, self.controller, self.servers = actuator, controller, list(servers)
-        self.book, self.metrics, self.log, self.clock = book, metrics, log, clock
+        self.metrics, self.log, self.clock = metrics, log, clock
         self.notifier = notifier or Notifier("")
         self._restore = restore
         self._reader = GpuReader(backend)
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._act_lock = asyncio.Lock()
-        self._wake = asyncio.Event()  # more room: the next tick may start early
-        self._cut = asyncio.Event()  # a lower budget waits for enforcement
-        self._cut_arrived: float | None = None
-        self._budget_seq = 0  # bumped by every budget change
         self._written_at = float("-inf")  # time.monotonic() when the last write returned
-        self._closing = False
+        self.budgets = BudgetDesk(
+            book, metrics, clock, lambda: sum(self._limits_w().values()) if self.gpus else None
+        )
         self.gpus: tuple[GpuObservation, ...] = ()
         self.gpu_stale_reason: str | None = "not read yet"
         self.server_obs: tuple[ServerObservation, ...] = ()
         self.decision: Decision | None = None
         self.decided_at: float | None = None
         self.last_tick_at: float | None = None
-        self.price_per_mwh: float | None = None
         self.status_extra: dict[str, Callable[[], Any]] = {}
         self.set_period(period_s)
 
@@ -115,7 +113,7 @@ class Daemon:
         return task
 
     async def __aexit__(self, *exc: Any) -> None:
-        self._closing = True  # a budget arriving from here on is recorded, never enforced
+        self.budgets.closing = True  # a budget arriving from here on is recorded, never enforced
         self.notifier.stopping()
         for task in self._tasks.values():
             task.cancel()
@@ -132,53 +130,28 @@ class Daemon:
         self.period_s = period_s
         self.gpu_deadline_s = 0.6 * period_s  # leaves the rest of the period to decide and act
         for link in self.servers:
-            link.scraper.period_s = link.batch.poll_s = period_s
+            link.scraper.period_s = period_s
+            # A limit changes rarely, and a restart is caught when the scrape comes back.
+            link.batch.poll_s = max(period_s, 1.0)
 
-    # ---- budget entry points (on the event loop; the feed and the API call them) ----
+    # ---- budgets: arrive at self.budgets (feed, API, reload); cuts are enforced here ----
 
     def budget(self) -> BudgetInForce:
-        return self.book.in_force(self.clock())
+        return self.budgets.in_force()
 
     def set_override(self, entry: BudgetEntry | None) -> BudgetInForce:
-        self._change_budget(self.book.with_override(entry))
-        return self.budget()
-
-    def facility_budget(self, origin: str, entry: BudgetEntry | None) -> None:
-        self._change_budget(self.book.with_facility(origin, entry))
-
-    def price(self, price_per_mwh: float, expires_at: float | None) -> None:
-        self.price_per_mwh = price_per_mwh
-
-    def replace_book_config(self, default_w: float | None, fallback_w: float | None) -> None:
-        self._change_budget(replace(self.book, default_w=default_w, fallback_w=fallback_w))
-
-    def _change_budget(self, book: BudgetBook) -> None:
-        before = self.budget().effective_w
-        self.book = book
-        budget = self.budget()
-        if budget.effective_w != before:
-            self._budget_seq += 1  # from now on, no tick that started earlier may raise
-        self.metrics.report_budget(budget)
-        if self._closing:
-            return
-        if budget.effective_w is not None and sum(self._limits_w().values()) > budget.effective_w:
-            if self._cut_arrived is None:
-                self._cut_arrived = time.perf_counter()
-            self._cut.set()
-        else:
-            self._wake.set()  # a cut is enforced by itself; an early tick would compete with it
+        return self.budgets.set_override(entry)
 
     async def _enforce_cuts(self) -> None:
         while True:
-            await self._cut.wait()
+            await self.budgets.cut.wait()
             await self.enforce_cut()
 
     async def enforce_cut(self) -> None:
         """Fit the limits in force to the newest budget (at most one enforcement pending)."""
-        self._cut.clear()
-        arrived, self._cut_arrived = self._cut_arrived, None
+        arrived = self.budgets.take_cut()
         async with self._act_lock:
-            await self._write(self._limits_w(), "budget", self._budget_seq, arrived)
+            await self._write(self._limits_w(), "budget", self.budgets.seq, arrived)
         if arrived is not None:
             self.metrics.enforce_s.observe(time.perf_counter() - arrived)
 
@@ -187,7 +160,7 @@ class Daemon:
     async def _tick_loop(self) -> None:
         while True:
             started = time.monotonic()
-            self._wake.clear()
+            self.budgets.more_room.clear()
             try:
                 await self.tick()
             except Exception as err:  # a tick must never take the daemon down
@@ -196,26 +169,27 @@ class Daemon:
             await self._until_next_tick(started)
 
     async def _until_next_tick(self, started: float) -> None:
-        now = self.clock()
         timeout = self.period_s - (time.monotonic() - started)
-        expiry = self.book.next_expiry(now)
+        expiry = self.budgets.next_expiry()
         if expiry is not None:  # may hand over to a lower budget: tick right then
-            timeout = min(timeout, expiry - now)
+            timeout = min(timeout, expiry - self.clock())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
+            await asyncio.wait_for(self.budgets.more_room.wait(), max(0.0, timeout))
         # Woken early by more room: still at most four ticks a period, whatever arrives.
         await asyncio.sleep(max(0.0, started + self.period_s / 4 - time.monotonic()))
 
     async def tick(self) -> bool:
         """One pass; False when the GPUs could not be read (limits held, nothing decided)."""
-        seq, now = self._budget_seq, self.clock()
+        seq, now = self.budgets.seq, self.clock()
         gpus = await self._sense_gpus()  # the only await before acting, and it has a deadline
         if gpus is None:
             return False
         servers = tuple(self._sense_server(link, old) for link, old in self._pairs())
         budget = self.budget()
         decision = self._guard(
-            self.controller.decide(Observation(now, gpus, servers, budget, self.price_per_mwh)),
+            self.controller.decide(
+                Observation(now, gpus, servers, budget, self.budgets.price_per_mwh)
+            ),
             gpus,
             budget,
         )
@@ -294,13 +268,13 @@ class Daemon:
         budget = self.budget()
         current = self._limits_w()
         limits_w = fit_to_budget(targets_w, self.gpus, budget.effective_w).limits_w
-        if seq != self._budget_seq:
+        if seq != self.budgets.seq:
             limits_w = {i: min(w, current.get(i, w)) for i, w in limits_w.items()}
         writes = order_writes(current, limits_w)
         if not writes:
             return
         result = await asyncio.to_thread(
-            self.actuator.apply, writes, lambda: self._budget_seq == seq
+            self.actuator.apply, writes, lambda: self.budgets.seq == seq
         )
         self._written_at = time.monotonic()
         self.gpus = tuple(
@@ -351,17 +325,9 @@ class Daemon:
         return self.clock()
 
     def health(self) -> dict[str, Any]:
-        """ok while ticks complete; a state record that cannot be saved is reported beside
-        it (palsd still holds the host within its budget, but changes nothing unrecorded)."""
-        last = self.last_tick_at
-        age = None if last is None else max(0.0, self.clock() - last)
-        problem = self.actuator.record_problem
-        return {
-            "ok": age is not None and age < max(5.0, 5 * self.period_s),
-            "last_tick_age_s": age,
-            "state_record_ok": problem is None,
-            "state_record_problem": problem,
-        }
+        return health_model(
+            self.last_tick_at, self.clock(), self.period_s, self.actuator.record_problem
+        )
 
     def status(self) -> dict[str, Any]:
         extra = {name: provider() for name, provider in self.status_extra.items()}

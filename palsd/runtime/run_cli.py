@@ -221,7 +221,7 @@ def _feed(cfg: PalsdConfig, daemon: Daemon, metrics: Metrics) -> Any:
 
     feed = MqttFeed(
         cfg.mqtt,
-        daemon,
+        daemon.budgets,
         daemon.status,
         metrics.registry,
         seq_path=cfg.state.dir / "mqtt-seq.json",
@@ -251,7 +251,7 @@ async def _reloader(
                 action="the running configuration stays in force",
             )
             continue
-        daemon.replace_book_config(new.budget.default_w, new.budget.fallback_w)
+        daemon.budgets.replace_config(new.budget.default_w, new.budget.fallback_w)
         daemon.set_period(new.control.period_s)
         restart_needed = [
             key

@@ -10,7 +10,9 @@ another token (401), and a server that is gone. Issue 13, items 1 and 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -20,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from tests.integration import test_vllm_real as real
 from tests.integration.procs import palsd, palsd_config, sim_host, wait_until
 from tests.unit.test_vllm_metrics import v1_page
 
 BATCH_PATH = "/pals/v1/batch-limit"
+VLLM_PY, PLUGINS = real.VLLM_PY, real.PLUGINS
+MAX_NUM_SEQS, MAX_MODEL_LEN = real.MAX_NUM_SEQS, real.MAX_MODEL_LEN
+run_vllm, tiny_model, _free_port = real.run_vllm, real.tiny_model, real._free_port
 ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
     "no-plugin": (404, {"detail": "Not Found"}),
     "half-plugin": (501, {"error": "the engine-side plugin is not loaded (palsd_batch_limit)"}),
@@ -194,3 +201,75 @@ def test_a_limit_changed_behind_palsds_back_is_corrected_and_status_shows_the_se
                 5,
                 "the metric to show the server's limit",
             )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not VLLM_PY.exists(), reason=f"{VLLM_PY} is absent: run `make vllm-env`")
+def test_after_a_real_vllm_restart_palsds_limit_is_put_back(tmp_path: Path, tiny_model: Path):
+    """Issue 13's reproduction: palsd holds a real vLLM (CPU build, both plugins) at its limit;
+    vLLM restarts and comes back at its own (max_num_seqs); palsd sets its limit again once
+    the server answers, logs batch_limit_corrected, and status shows what the server holds."""
+    port, token = _free_port(), secrets.token_hex(16)
+    token_file = tmp_path / "vllm.token"
+    token_file.write_text(token + "\n")
+    script = (
+        f"exec {VLLM_PY} -m vllm.entrypoints.openai.api_server --model {tiny_model}"
+        f" --served-model-name tiny-moe --host 127.0.0.1 --port {port} --enforce-eager"
+        f" --dtype bfloat16 --max-model-len {MAX_MODEL_LEN} --max-num-seqs {MAX_NUM_SEQS}"
+    )
+    env = {"VLLM_PLUGINS": PLUGINS, "PALSD_PLUGIN_TOKEN": token, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+
+    def vllm(work: Path) -> Any:
+        return run_vllm(work, script, port, str(tiny_model), token, env)
+
+    with sim_host(tmp_path, gpus=2, servers=1) as sim, contextlib.ExitStack() as before:
+        # palsd may not set more than 2 whatever the controller wants: its limit is never the
+        # server's own 8, so a server back at 8 is visibly not at palsd's.
+        server = {
+            "name": "tiny",
+            "url": f"http://127.0.0.1:{port}",
+            "gpus": [0, 1],
+            "admin_token_file": str(token_file),
+            "max_batch_limit": 2,
+            "slo": {"ttft_s": 2.0, "itl_s": 0.1},
+        }
+        cfg = palsd_config(sim, tmp_path, servers=[server], control={"controller": "joint"})
+        before.enter_context(vllm(first))
+        with palsd(tmp_path, cfg) as d:
+            applied = wait_until(lambda: d.events("batch_limit_applied"), 60, "a limit set")
+            held = applied[-1]["limit"]
+            assert held <= 2 and _vllm_limit(server["url"], token) == held
+            before.close()  # vLLM stops...
+            wait_until(
+                lambda: d.status()["servers"][0]["batch_control"] == "unreachable",
+                30,
+                "palsd to see it gone",
+            )
+            with vllm(second):  # ...and starts again on the same port, at its own limit
+                back_at = time.monotonic()
+                corrected = wait_until(
+                    lambda: d.events("batch_limit_corrected"), 60, "palsd to set it back"
+                )
+                took_s = time.monotonic() - back_at
+                assert corrected[0]["found"] == MAX_NUM_SEQS and corrected[0]["set_before"] <= 2
+                assert _vllm_limit(server["url"], token) <= 2
+                wait_until(
+                    lambda: (
+                        d.status()["servers"][0]["batch_limit"] == _vllm_limit(server["url"], token)
+                    ),
+                    10,
+                    "status to show the server's own limit",
+                )
+                # Seen gone and back: logged once when it went, once when it came back.
+                changes = [e["state"] for e in d.events("batch_control_changed")]
+                assert changes == ["ok", "unreachable", "ok"], changes
+    assert took_s < 15, took_s
+
+
+def _vllm_limit(url: str, token: str) -> int:
+    headers = {"Authorization": f"Bearer {token}"}
+    return int(httpx.get(url + BATCH_PATH, headers=headers, timeout=30).json()["limit"])

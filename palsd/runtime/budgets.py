@@ -1,0 +1,85 @@
+"""Where budgets arrive (MQTT feed, local API, reload) and how a change is handed to the daemon.
+
+Rules of this file: the book is replaced, never edited. A change of the budget in force bumps
+`seq`, so a tick that started before it may not raise a limit. A change that leaves the limits
+in force above the new budget is a cut: `cut` is set and the daemon's budget task enforces the
+newest budget once, however many changes arrived meanwhile (`take_cut` says since when the
+oldest of them waited). Any other change sets `more_room`, letting the next tick start early.
+Once `closing` is set nothing is handed on: the daemon is restoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from palsd.core.budget import BudgetBook, BudgetEntry
+from palsd.core.types import BudgetInForce
+from palsd.report.metrics import Metrics
+
+
+class BudgetDesk:
+    def __init__(
+        self,
+        book: BudgetBook,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        limit_sum_w: Callable[[], float | None],
+    ) -> None:
+        self.book, self._metrics, self._clock, self._limit_sum_w = book, metrics, clock, limit_sum_w
+        self.seq = 0
+        self.cut = asyncio.Event()
+        self.more_room = asyncio.Event()
+        self.closing = False
+        self.price_per_mwh: float | None = None
+        self._cut_since: float | None = None
+
+    def in_force(self) -> BudgetInForce:
+        return self.book.in_force(self._clock())
+
+    def next_expiry(self) -> float | None:
+        return self.book.next_expiry(self._clock())
+
+    # ---- the entry points (on the event loop) ----
+
+    def set_override(self, entry: BudgetEntry | None) -> BudgetInForce:
+        self._change(self.book.with_override(entry))
+        return self.in_force()
+
+    def facility_budget(self, origin: str, entry: BudgetEntry | None) -> None:
+        self._change(self.book.with_facility(origin, entry))
+
+    def price(self, price_per_mwh: float, expires_at: float | None) -> None:
+        self.price_per_mwh = price_per_mwh
+
+    def replace_config(self, default_w: float | None, fallback_w: float | None) -> None:
+        self._change(replace(self.book, default_w=default_w, fallback_w=fallback_w))
+
+    def _change(self, book: BudgetBook) -> None:
+        before = self.in_force().effective_w
+        self.book = book
+        budget = self.in_force()
+        if budget.effective_w != before:
+            self.seq += 1
+        self._metrics.report_budget(budget)
+        if self.closing:
+            return
+        limits_w = self._limit_sum_w()
+        if (
+            budget.effective_w is not None
+            and limits_w is not None
+            and limits_w > budget.effective_w
+        ):
+            if self._cut_since is None:
+                self._cut_since = time.perf_counter()
+            self.cut.set()
+        else:
+            self.more_room.set()  # a cut is enforced by itself: an early tick would compete
+
+    def take_cut(self) -> float | None:
+        """The daemon enforces now: clear the cut, answer when the oldest waiting one came."""
+        self.cut.clear()
+        since, self._cut_since = self._cut_since, None
+        return since
