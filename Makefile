@@ -68,6 +68,14 @@ test-repeat: venv system-deps vllm-env
 	  echo "run $$i of $(N): passed in $$(( $$(date +%s) - start )) s"; \
 	done
 
+# No GPU here: palsd with simulated GPUs beside a real vLLM (CPU build, tiny MoE, both
+# plugins), live status until Ctrl-C; `make try-vllm DURATION_S=120` stops by itself.
+# Everything under run/try-vllm/. See docs/vllm.md.
+DURATION_S ?= 0
+.PHONY: try-vllm
+try-vllm: venv vllm-env
+	$(BIN)/python tools/try_vllm.py --seconds $(DURATION_S)
+
 clean:
 	rm -rf $(VENV) run out build *.egg-info
 
