@@ -267,6 +267,9 @@ class GpuState:
         self._bin_energy_j = 0.0
         self._bin_elapsed_s = 0.0
         self._idle_run_s = IDLE_HOLD_S  # starts idle
+        self._rates_mhz = -1.0  # clock at which _bw and _fl were computed
+        self._bw = 0.0
+        self._fl = 0.0
 
     @property
     def power_avg_w(self) -> float:
@@ -290,8 +293,12 @@ class GpuState:
         spec = self.spec
         idle_s = max(0.0, dt_s - busy_s)
         busy = busy_s > 0
-        bytes_per_s = u_mem * spec.bw_at(clock_mhz) if busy else 0.0
-        flops_per_s = u_comp * spec.flops_at(clock_mhz) if busy else 0.0
+        if clock_mhz != self._rates_mhz:  # the clock changes only while the cap loop steers
+            self._rates_mhz = clock_mhz
+            self._bw = spec.bw_at(clock_mhz)
+            self._fl = spec.flops_at(clock_mhz)
+        bytes_per_s = u_mem * self._bw if busy else 0.0
+        flops_per_s = u_comp * self._fl if busy else 0.0
         p_busy = spec.power_w(clock_mhz, bytes_per_s, flops_per_s) if busy else 0.0
         # gaps between iterations cost idle power at the working clock; a GPU idle for
         # IDLE_HOLD_S is back at its context-idle clock (the max clock: 121 W on an H100)

@@ -247,8 +247,12 @@ class CostModel:
         self._inv_bw = 1.0 / gpu.bw_at(gpu.max_clock_mhz)
         self._inv_fl = 1.0 / gpu.flops_at(gpu.max_clock_mhz)
         self._small = small_kernel_s(model, gpu, gpu.max_clock_mhz)
+        self._clock_mhz = gpu.max_clock_mhz
 
     def set_clock(self, clock_mhz: float) -> None:
+        if clock_mhz == self._clock_mhz:
+            return
+        self._clock_mhz = clock_mhz
         self._inv_bw = 1.0 / self._gpu.bw_at(clock_mhz)
         self._inv_fl = 1.0 / self._gpu.flops_at(clock_mhz)
         self._small = small_kernel_s(self._model, self._gpu, clock_mhz)
