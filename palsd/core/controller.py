@@ -401,7 +401,7 @@ class JointController:
             h.itl is not None
             and h.itl < 0.0
             and power_starved
-            and (h.ttft is None or h.ttft > p.low_margin)
+            and (h.ttft is None or h.ttft > p.high_margin)
         ):
             base = min(old, max(int(sig.running), 1))
             new = max(p.min_batch_limit, int(base * (1.0 - p.batch_step_frac)))

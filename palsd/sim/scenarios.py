@@ -165,7 +165,7 @@ def budget_for_price(prices: Trace) -> Trace:
     out = []
     for start, price in prices.steps:
         p = price or 0.0
-        frac = 1.0 if p < 100 else (0.4 if p < 300 else 0.1)
+        frac = 1.0 if p < 100 else (0.5 if p < 300 else 0.25)
         out.append((start, frac))
     return Trace(tuple(out))
 
@@ -174,14 +174,14 @@ def budget_for_price(prices: Trace) -> Trace:
 # (why: docs/controller.md).
 UTILISATION = {
     "efficiency": 0.6,
-    "strict": 0.7,
-    "demand_response": 0.7,
-    "price": 0.6,
+    "strict": 0.5,
+    "demand_response": 0.5,
+    "price": 0.5,
     "diurnal": 0.8,
-    "mixed": 0.6,
+    "mixed": 0.5,
 }
-STRICT_FRAC = 0.1  # strict: every GPU at its floor plus 10% of its range (H100: 250 W)
-DR_FRACS = (1.0, 0.4, 0.1, 0.03, 0.4, 1.0)  # demand response, six equal steps
+STRICT_FRAC = 0.3  # strict: every GPU at its floor plus 30% of its range (H100: 350 W, 50% TDP)
+DR_FRACS = (1.0, 0.5, 0.3, 0.2, 0.5, 1.0)  # demand response, six equal steps
 
 
 def build_scenario(name: str, seed: int) -> Scenario:
@@ -212,7 +212,7 @@ def build_scenario(name: str, seed: int) -> Scenario:
         return Scenario(
             name,
             "real-time price in 5 min intervals; the facility budget follows the price "
-            "(<$100: 100%, <$300: 40%, else 10% of the limit range above the minimums)",
+            "(<$100: 100%, <$300: 50%, else 25% of the limit range above the minimums)",
             budget_for_price(prices),
             u,
             prices,
@@ -236,7 +236,7 @@ def build_scenario(name: str, seed: int) -> Scenario:
         return Scenario(
             name,
             "request mix shifts between chat-like (prompt 384 / output 192 tokens) and "
-            "long-prompt (3000 / 96) traffic every 10 min; load at 60% of each mix's capacity; "
+            "long-prompt (3000 / 96) traffic every 10 min; load at 50% of each mix's capacity; "
             "no binding budget",
             _flat(1.0),
             u,

@@ -127,7 +127,7 @@ def test_traces_step_through_the_same_fractions_of_any_run_length() -> None:
     assert dr.budget_w("h100", 0.0, 3600.0) == 5600.0
     assert dr.budget_w("h100", 1800.0, 3600.0) == dr.budget_w("h100", 9.0, 18.0)
     lowest = min(dr.budget_w("h100", s * 3600.0, 3600.0) or 0.0 for s, _ in dr.budget.steps)
-    assert 8 * 200.0 < lowest < 8 * 250.0  # feasible, and near the floor: it binds
+    assert 8 * 200.0 < lowest <= 8 * 300.0  # feasible, and near the floor: it binds
     price = build_scenario("price", seed=1)
     assert price.price_per_mwh is not None and len(price.price_per_mwh.steps) == 12
     assert price.budget.change_times_s(3600.0)
