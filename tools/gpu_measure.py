@@ -388,6 +388,111 @@ class Llama8bDecode:
         return body, float(self.weight_bytes + kv_bytes), flops
 
 
+class MixtralDecode:
+    """One decode step of a Mixtral-8x7B-shaped model on one GPU (TP=1: 91 GB of bf16 weights
+    fit an H200), in a CUDA graph. Attention as in Llama8bDecode; the MoE layer routes each
+    token to 2 of 8 experts (a random routing drawn once per batch, fixed in the graph), gathers
+    each expert's tokens (padded to the busiest expert), runs the experts as two batched
+    products with SiLU x up between, weights and scatters the results back: about what vLLM's
+    fused MoE kernels read and compute, in a handful of kernels a layer."""
+
+    hidden, heads, kv_heads, head_dim, ffn, layers, vocab = 4096, 32, 8, 128, 14336, 32, 32000
+    experts, top_k = 8, 2
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+        dev = torch.device("cuda:0")
+        self.dev = dev
+        h, f, e = self.hidden, self.ffn, self.experts
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        bf = torch.bfloat16
+
+        def w(*shape: int) -> Any:
+            return torch.empty(*shape, device=dev, dtype=bf).normal_(0.0, shape[-2] ** -0.5)
+
+        self.w = [
+            (w(h, qkv), w(h, h), w(h, e), w(e, h, 2 * f), w(e, f, h)) for _ in range(self.layers)
+        ]
+        self.norm = torch.ones(h, device=dev, dtype=bf)
+        self.lm_head = w(h, self.vocab)
+        self.attn_params = self.layers * (h * qkv + h * h + h * e) + h * self.vocab
+        self.expert_params = 3 * h * f
+        pos = torch.arange(self.head_dim // 2, device=dev, dtype=torch.float32)
+        ang = 1000.0 * (10000.0 ** (-2 * pos / self.head_dim))
+        self.cos = torch.cat([ang.cos(), ang.cos()]).to(bf)
+        self.sin = torch.cat([ang.sin(), ang.sin()]).to(bf)
+        torch.cuda.synchronize()
+
+    def step(self, batch: int, ctx: int) -> tuple[Any, float, float, dict[str, Any]]:
+        torch = self.torch
+        F = torch.nn.functional
+        h, hd, nh, nkv, e = self.hidden, self.head_dim, self.heads, self.kv_heads, self.experts
+        gen = torch.Generator(device="cpu").manual_seed(batch)
+        routes = []  # per layer: (index [e, cap], weight [e, cap]) padded with the zero row
+        touched = 0
+        for _ in range(self.layers):
+            choice = torch.rand(batch, e, generator=gen).topk(self.top_k, dim=-1).indices
+            lists = [(choice == x).any(dim=-1).nonzero().flatten() for x in range(e)]
+            cap = max(1, max(len(li) for li in lists))
+            idx = torch.full((e, cap), batch, dtype=torch.long)
+            wt = torch.zeros(e, cap)
+            for x, li in enumerate(lists):
+                idx[x, : len(li)] = li
+                wt[x, : len(li)] = 0.5
+                touched += int(len(li) > 0)
+            routes.append((idx.to(self.dev), wt.to(self.dev, torch.bfloat16)[..., None]))
+        kc = [
+            torch.randn(batch, nkv, ctx + 1, hd, device=self.dev, dtype=torch.bfloat16)
+            for _ in range(self.layers)
+        ]
+        vc = [torch.randn_like(k) for k in kc]
+        x0 = torch.randn(batch, h, device=self.dev, dtype=torch.bfloat16)
+        zero_row = torch.zeros(1, h, device=self.dev, dtype=torch.bfloat16)
+        out = torch.empty(batch, dtype=torch.long, device=self.dev)
+        cos, sin = self.cos, self.sin
+
+        def rope(t: Any) -> Any:
+            a, b = t[..., : hd // 2], t[..., hd // 2 :]
+            return t * cos + torch.cat([-b, a], dim=-1) * sin
+
+        def body() -> None:
+            x = x0
+            for layer, (wqkv, wo, wr, w13, w2) in enumerate(self.w):
+                y = F.rms_norm(x, (h,), self.norm)
+                qkv = y @ wqkv
+                q = qkv[:, : nh * hd].view(batch, nh, 1, hd)
+                k = qkv[:, nh * hd : (nh + nkv) * hd].view(batch, nkv, 1, hd)
+                v = qkv[:, (nh + nkv) * hd :].view(batch, nkv, 1, hd)
+                q, k = rope(q), rope(k)
+                kc[layer][:, :, ctx : ctx + 1].copy_(k)
+                vc[layer][:, :, ctx : ctx + 1].copy_(v)
+                a = F.scaled_dot_product_attention(q, kc[layer], vc[layer], enable_gqa=True)
+                x = x + a.reshape(batch, nh * hd) @ wo
+                y = F.rms_norm(x, (h,), self.norm)
+                _ = y @ wr  # router logits (the routing itself is fixed above)
+                idx, wt = routes[layer]
+                yp = torch.cat([y, zero_row])
+                g = torch.bmm(yp[idx], w13)
+                act = F.silu(g[..., : self.ffn]) * g[..., self.ffn :]
+                z = torch.bmm(act, w2) * wt
+                moe = torch.zeros(batch + 1, h, device=self.dev, dtype=torch.bfloat16)
+                moe.index_add_(0, idx.flatten(), z.view(-1, h))
+                x = x + moe[:batch]
+            logits = F.rms_norm(x, (h,), self.norm) @ self.lm_head
+            out.copy_(logits.argmax(dim=-1))
+
+        kv_bytes = 2 * self.layers * batch * nkv * (ctx + 1) * hd * 2
+        # the batched products read every expert's weights, touched or not (vLLM's fused MoE
+        # skips untouched experts; from batch 16 up all 8 are touched anyway)
+        weight_bytes = 2 * (self.attn_params + self.layers * e * self.expert_params)
+        flops = (
+            2.0 * (self.attn_params + self.layers * self.top_k * self.expert_params) * batch
+            + 4.0 * self.layers * nh * hd * (ctx + 1) * batch
+        )
+        info = {"experts_touched_per_layer": touched / self.layers}
+        return body, float(weight_bytes + kv_bytes), flops, info
+
+
 def summarise(rows: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
     win = [r for r in rows if t0 <= r["t_s"] <= t1]
     out: dict[str, Any] = {"samples": len(win), "duration_s": t1 - t0}
@@ -447,11 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmuls", default="2048,4096,8192")
     p.add_argument(
         "--suite",
-        choices=("sweep", "llama8b"),
+        choices=("sweep", "llama8b", "mixtral"),
         default="sweep",
         help="sweep: weight streaming, duty cycles, matmuls (run3); llama8b: a Llama-8B-shaped "
-        "decode step at --llama-batches, back to back and with host gaps (--llama-duty)",
+        "decode step at --llama-batches, back to back and with host gaps (--llama-duty); "
+        "mixtral: a Mixtral-8x7B-shaped decode step (TP=1) at --mixtral-batches",
     )
+    p.add_argument("--mixtral-batches", default="1,4,16,64,256")
     p.add_argument("--llama-batches", default="1,8,32,64,128,256")
     p.add_argument("--llama-ctx", type=int, default=1024)
     p.add_argument("--llama-duty", default="1:0.001,64:0.001,64:0.003")
@@ -493,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     load = Load(torch, args.dim, args.dim, args.layers if args.suite == "sweep" else 0)
+    if args.suite == "mixtral":
+        mix = MixtralDecode(torch)
+        t0 = time.monotonic()
+        time.sleep(args.idle_s)
+        mark("idle_weights_loaded", "idle", {"t0": t0 + 1.0, "t1": time.monotonic()})
     t0 = time.monotonic()
     time.sleep(args.idle_s)
     mark("idle_context", "idle", {"t0": t0 + 1.0, "t1": time.monotonic()})
@@ -504,8 +616,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: FAILED {err!r}", flush=True)
             phases.append({"phase": name, "error": repr(err)})
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the next point's KV cache may need the room
 
-    if args.suite == "llama8b":
+    if args.suite == "mixtral":
+        for b in [int(x) for x in args.mixtral_batches.split(",") if x]:
+
+            def do_mixtral(b: int = b) -> None:
+                body, nb, f, info = mix.step(b, args.llama_ctx)
+                work = load.run_graphed(body, nb, f, args.warm_s, args.measure_s)
+                mark(f"mixtral_b{b}", "mixtral", {**work, **info}, batch=b, ctx=args.llama_ctx)
+
+            guarded(f"mixtral_b{b}", do_mixtral)
+    elif args.suite == "llama8b":
         model = Llama8bDecode(torch)
         for b in [int(x) for x in args.llama_batches.split(",") if x]:
 

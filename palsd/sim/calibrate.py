@@ -44,6 +44,7 @@ HW_RUN3 = "docs/hardware/run3_h200/measure.json"  # card 1: the full sweep
 HW_RUN4 = "docs/hardware/run4_h200_llama8b/measure.json"  # card 2: Llama-8B-shaped decode
 HW_RUN5 = "docs/hardware/run5_h200_samecard/sweep/measure.json"  # card 3: sweep subset ...
 HW_RUN5_LLAMA = "docs/hardware/run5_h200_samecard/llama/measure.json"  # ... and Llama-8B
+HW_RUN6 = "docs/hardware/run6_h200_mixtral/measure.json"  # card 4: Mixtral-shaped, TP=1
 
 
 def _fmt_range(values: list[float], unit: str) -> str:
@@ -225,11 +226,16 @@ def h200_llama8b() -> Check:
 def h200_power_points() -> Check:
     """Power at the measured clock and rates, every steady point of three H200 cards."""
     errs: dict[str, list[float]] = {}
-    runs = {"card 1": (HW_RUN3,), "card 2": (HW_RUN4,), "card 3": (HW_RUN5, HW_RUN5_LLAMA)}
+    runs = {
+        "card 1": (HW_RUN3,),
+        "card 2": (HW_RUN4,),
+        "card 3": (HW_RUN5, HW_RUN5_LLAMA),
+        "card 4": (HW_RUN6,),
+    }
     for card, paths in runs.items():
         for path in paths:
             for name, ph in _phases(path).items():
-                if ph.get("kind") not in ("stream", "duty", "llama8b", "llama8b_duty"):
+                if ph.get("kind") not in ("stream", "duty", "llama8b", "llama8b_duty", "mixtral"):
                     continue
                 if name == "duty_b256_gap2ms":
                     continue
@@ -241,16 +247,51 @@ def h200_power_points() -> Check:
     every = [e for v in errs.values() for e in v]
     return Check(
         "h200_power",
-        "H200 power at measured clock, HBM bytes/s and tensor FLOP/s: 38 steady points on "
-        "three cards, 304-696 W (streams, duty cycles 25-76%, Llama-8B steps, capped points at "
-        "1215-1875 MHz)",
-        "measured, docs/hardware/run3_h200, run4_h200_llama8b, run5_h200_samecard",
+        "H200 power at measured clock, HBM bytes/s and tensor FLOP/s: 42 steady points on "
+        "four cards, 304-696 W (streams, duty cycles 25-76%, Llama-8B and Mixtral steps, "
+        "capped points at 1215-1875 MHz)",
+        "measured, docs/hardware/run3_h200, run4_h200_llama8b, run5_h200_samecard, "
+        "run6_h200_mixtral",
         "one fit for a typical card: "
         + ", ".join(f"{c} {min(v):+.0%}..{max(v):+.0%}" for c, v in errs.items()),
         "±13% at every point: cards differ by ~12% in dynamic power for the same work (card "
         "1 drew 612 W, card 3 543 W on the same batch-1 stream); duty_b256_gap2ms, a partly "
         "capped burst, is left out (docs/twin.md)",
         max(map(abs, every)) <= 0.13,
+    )
+
+
+def h200_mixtral() -> Check:
+    """A CUDA-graphed Mixtral-8x7B-shaped decode step on one H200 through the preset's own
+    step model (14 small kernels a layer, as vLLM's fused kernels)."""
+    from palsd.sim.gpu_model import step_time_s
+    from palsd.sim.models import KV_READ_EFFICIENCY, small_kernel_s
+
+    errs_t, errs_p = [], []
+    for ph in _phases(HW_RUN6).values():
+        if ph.get("kind") != "mixtral":
+            continue
+        w, nv, b = ph["work"], ph["nvml"], ph["batch"]
+        f = nv["sm_mhz_median"]
+        kv = MIXTRAL_8X7B.kv_bytes_per_token * b * (ph["ctx"] + 1)
+        bw = H200.bw_at(f)
+        # the measured step's batched expert products read all 8 experts at every batch
+        mem = w["bytes_per_step"] / bw + kv / bw * (1 / KV_READ_EFFICIENCY - 1)
+        t = step_time_s(mem, w["flops_per_step"] / H200.flops_at(f))
+        t += small_kernel_s(MIXTRAL_8X7B, H200, f)
+        p = H200.power_w(f, w["bytes_per_step"] / t, w["flops_per_step"] / t)
+        errs_t.append(t / w["step_s"] - 1)
+        errs_p.append(p / nv["power_avg_w_median"] - 1)
+    return Check(
+        "h200_mixtral",
+        "H200, CUDA-graphed Mixtral-8x7B-shaped decode step on one GPU (93 GB streamed, ctx "
+        "1024): 23.4 ms and 522 W at batch 1, 26.3 ms and 600 W at 64, capped at 256 (695 W, "
+        "1875 MHz, 35.5 ms)",
+        "measured, docs/hardware/run6_h200_mixtral",
+        f"step model with the preset's kernel count: time {min(errs_t):+.1%}..{max(errs_t):+.1%}, "
+        f"power {min(errs_p):+.1%}..{max(errs_p):+.1%}",
+        "step time ±10%, power ±8%",
+        max(map(abs, errs_t)) <= 0.10 and max(map(abs, errs_p)) <= 0.08,
     )
 
 
@@ -661,6 +702,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     h200_stream_sweep,
     h200_power_points,
     h200_llama8b,
+    h200_mixtral,
     h200_dpdf,
     h100_runs,
     decode_power,
