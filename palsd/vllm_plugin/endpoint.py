@@ -62,6 +62,9 @@ class _Engines:
             raise
         except Exception as e:
             raise ContractError(501, _explain(method, e)) from e
+        errors = [str(s["error"]) for s in states if isinstance(s, dict) and "error" in s]
+        if errors:
+            raise ContractError(501, errors[0])
         return combine(states)
 
 
@@ -119,6 +122,8 @@ class BatchLimitEndpoint:
             return f"engines unusable, calls will answer {e.status}: {e.reason}", False
         except TimeoutError:
             return f"engines did not answer within {PROBE_TIMEOUT_S:g} s", False
+        except Exception as e:  # never take vLLM's start down with the plugin
+            return f"engines unusable: {type(e).__name__}: {e}", False
         return f"limit {state['limit']} of max_num_seqs {state['max_num_seqs']}", True
 
     def _guard(self, request: Request) -> _Engines:

@@ -15,15 +15,15 @@ log = logging.getLogger("vllm.palsd_batch_limit")
 REQUIRED = ("max_num_running_reqs", "max_num_active_reqs", "running", "waiting")
 
 
-def _scheduler(core: Any) -> Any:
-    sched = getattr(core, "scheduler", None)
-    missing = [a for a in REQUIRED if not hasattr(sched, a)]
-    if missing:
-        raise RuntimeError(
-            f"this vLLM's scheduler lacks {missing}: palsd's batch limit needs vLLM >= "
-            f"{MIN_VLLM} (V1 engine, Scheduler.max_num_active_reqs)"
-        )
-    return sched
+def missing_hook(core: Any) -> str | None:
+    """Why this vLLM's scheduler cannot take a batch limit, or None when it can."""
+    missing = [a for a in REQUIRED if not hasattr(getattr(core, "scheduler", None), a)]
+    if not missing:
+        return None
+    return (
+        f"this vLLM's scheduler lacks {missing}: palsd's batch limit needs vLLM >= "
+        f"{MIN_VLLM} (V1 engine, Scheduler.max_num_active_reqs)"
+    )
 
 
 def _state(sched: Any) -> dict[str, int]:
@@ -39,14 +39,20 @@ def _state(sched: Any) -> dict[str, int]:
     }
 
 
-def get_batch_limit(self: Any) -> dict[str, int]:
-    return _state(_scheduler(self))
+# The methods answer {"error": reason} rather than raise: a raise becomes a traceback in
+# vLLM's log for every call, and the endpoint turns the reason into one 501 and one line.
+def get_batch_limit(self: Any) -> dict[str, Any]:
+    why = missing_hook(self)
+    return {"error": why} if why else _state(self.scheduler)
 
 
-def set_batch_limit(self: Any, limit: int) -> dict[str, int]:
+def set_batch_limit(self: Any, limit: int) -> dict[str, Any]:
     """Admission limit into RUNNING. Lowering it preempts nothing: the running set drains as
     requests finish. Clamped to 1..max_num_seqs, which sizes the engine's buffers."""
-    sched = _scheduler(self)
+    why = missing_hook(self)
+    if why:
+        return {"error": why}
+    sched = self.scheduler
     new = max(1, min(int(limit), int(sched.max_num_running_reqs)))
     if new != sched.max_num_active_reqs:
         log.info("palsd: batch limit %s -> %s", sched.max_num_active_reqs, new)

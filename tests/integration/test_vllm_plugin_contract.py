@@ -10,6 +10,7 @@ import pytest
 
 from palsd.vllm_plugin.contract import (
     API_KEY_ENV,
+    MIN_VLLM,
     OPEN_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
@@ -22,6 +23,7 @@ from palsd.vllm_plugin.contract import (
     load_token,
     parse_limit,
 )
+from palsd.vllm_plugin.engine import get_batch_limit, set_batch_limit
 
 
 @pytest.mark.parametrize("limit", [1, 4, 8])
@@ -156,3 +158,35 @@ def test_data_parallel_answers_sum_load_and_keep_the_per_engine_limit() -> None:
     assert combine([a, b]) == {"max_num_seqs": 8, "limit": 4, "running": 7, "waiting": 2}
     with pytest.raises(ContractError):
         combine([])
+
+
+class _Scheduler:
+    def __init__(self, **attrs: Any) -> None:
+        self.__dict__.update(attrs)
+
+
+class _Core:
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+
+def test_engine_methods_read_and_set_the_admission_limit_clamped_to_max_num_seqs() -> None:
+    sched = _Scheduler(max_num_running_reqs=8, max_num_active_reqs=8, running=[1, 2], waiting=[3])
+    core = _Core(sched)
+    assert get_batch_limit(core) == {"max_num_seqs": 8, "limit": 8, "running": 2, "waiting": 1}
+    assert set_batch_limit(core, 3)["limit"] == 3 and sched.max_num_active_reqs == 3
+    assert set_batch_limit(core, 99)["limit"] == 8
+    assert set_batch_limit(core, 0)["limit"] == 1
+
+
+def test_a_vllm_without_the_admission_limit_is_named_with_the_version_needed() -> None:
+    """vLLM 0.30's scheduler has max_num_running_reqs but no max_num_active_reqs. The methods
+    answer the reason (no raise, so no traceback in vLLM's log) and change nothing."""
+    sched = _Scheduler(max_num_running_reqs=8, running=[], waiting=[])
+    why = (
+        "this vLLM's scheduler lacks ['max_num_active_reqs']: palsd's batch limit needs "
+        f"vLLM >= {MIN_VLLM} (V1 engine, Scheduler.max_num_active_reqs)"
+    )
+    assert get_batch_limit(_Core(sched)) == {"error": why}
+    assert set_batch_limit(_Core(sched), 2) == {"error": why}
+    assert not hasattr(sched, "max_num_active_reqs")

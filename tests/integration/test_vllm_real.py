@@ -420,6 +420,30 @@ def test_docs_check_block_answers_as_the_doc_says(vllm_server: Server, key_file:
     }
 
 
+def test_try_vllm_runs_palsd_on_simulated_gpus_beside_the_real_server(
+    vllm_server: Server, key_file: Path, tmp_path: Path
+) -> None:
+    """`make try-vllm`'s script, attached to this module's server instead of starting its
+    own: palsd reads the real server's batch limit through the plugin with vLLM's API key,
+    under load, and everything stops cleanly after --seconds."""
+    out = subprocess.run(
+        [
+            sys.executable, str(ROOT / "tools" / "try_vllm.py"),
+            "--vllm-url", vllm_server.url, "--key-file", str(key_file),
+            "--seconds", "20", "--refresh-s", "2", "--workdir", str(tmp_path / "try"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "try-vllm: stopped cleanly" in out.stdout
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("try-vllm: last status of")]
+    summary = json.loads(line.split(": ", 2)[2].rsplit("}", 1)[0] + "}")
+    assert summary["up"] is True, line
+    assert summary["batch_limit"] in range(1, MAX_NUM_SEQS + 1), line
+
+
 def test_with_no_token_and_only_the_endpoint_half_vllm_refuses_and_says_why_at_start(
     vllm_server: Server, tiny_model: Path, tmp_path: Path
 ) -> None:
