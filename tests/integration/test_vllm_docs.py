@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.doc_blocks import block, substitute
+from tests.integration.doc_blocks import block, blocks, substitute
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -152,3 +152,16 @@ def test_gpu_start_block_parses_with_vllms_own_serve_parser_and_names_both_plugi
     assert out.returncode == 0, out.stderr[-2000:]
     parsed = json.loads(out.stdout.strip().splitlines()[-1])
     assert parsed["port"] == 8000 and parsed["max_num_seqs"] == 64 and "Mixtral" in parsed["model"]
+
+
+def test_every_block_marked_tested_is_run_by_a_test() -> None:
+    """A block marked `<!-- tested: ... -->` that no test runs would claim a check that is
+    not there: the names here are the ones this file and test_vllm_real.py run."""
+    assert set(blocks()) == {
+        "install-checkout",  # test_install_blocks_put_both_plugins_into_vllms_environment
+        "install-wheel",  # the same
+        "key-file",  # test_key_file_block_..., and test_vllm_real.py's key_file fixture
+        "start-gpu",  # test_gpu_start_block_parses_with_vllms_own_serve_parser_...
+        "start-cpu",  # test_vllm_real.py's vllm_server fixture
+        "check",  # test_vllm_real.py::test_docs_check_block_answers_as_the_doc_says
+    }
