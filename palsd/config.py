@@ -112,10 +112,10 @@ class JointConfig(_Section):
         "fit); the controller maximises tokens per joule of P_host",
     )
     low_margin: float = Field(
-        0.15, gt=0, lt=1, description="SLO headroom below this share raises the cap"
+        0.25, gt=0, lt=1, description="SLO headroom below this share raises the cap"
     )
     high_margin: float = Field(
-        0.30, gt=0, lt=1, description="SLO headroom above this share allows probing a lower cap"
+        0.50, gt=0, lt=1, description="SLO headroom above this share allows probing a lower cap"
     )
     dwell_s: float = Field(
         10.0,

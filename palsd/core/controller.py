@@ -50,8 +50,8 @@ class JointParams:
     control_batch: bool = True  # False: every batch limit at fixed_batch_limit
     fixed_batch_limit: int | None = None  # None: the server's max_num_seqs (vLLM's default)
     initial_batch_limit: int | None = None  # None: start from what the server reports
-    low_margin: float = 0.15  # SLO headroom below this: raise the cap
-    high_margin: float = 0.30  # headroom above this: a lower cap may be probed
+    low_margin: float = 0.25  # SLO headroom below this: raise the cap
+    high_margin: float = 0.50  # headroom above this: a lower cap may be probed
     dwell_s: float = 10.0  # a cap is judged after holding this long (the signal window)
     settle_s: float = 5.0  # spacing of raises on thin headroom (half the window)
     react_s: float = 3.0  # minimum spacing of emergency raises (the window lags a raise)
@@ -278,7 +278,17 @@ class JointController:
             why = f"cap does not bind (draw {draw_w:.0f} W): lowered to draw + margin"
         elif held >= p.dwell_s:
             new, why = self._climb(
-                now_s, srv.name, st, h, rps, cap, draw_w, floor_w, ceiling_w, host_share_w
+                now_s,
+                srv.name,
+                st,
+                h,
+                rps,
+                sig.waiting,
+                cap,
+                draw_w,
+                floor_w,
+                ceiling_w,
+                host_share_w,
             )
             if new == cap and why:
                 reasons.append(why)
@@ -300,6 +310,7 @@ class JointController:
         st: _ServerState,
         h: Headroom,
         rps: float,
+        waiting: float,
         cap: float,
         draw_w: float | None,
         floor_w: float,
@@ -316,9 +327,12 @@ class JointController:
         step = st.step_w or p.cap_step_w
         down = max(floor_w, cap - step)
         up = min(ceiling_w, cap + step)
+        # Probing down needs ample headroom and an empty queue: TTFT falls off a cliff once
+        # the capacity at a cap drops below the arrival rate, so a queue is the early sign.
         may_down = (
             down < cap - 0.5
             and h.worst > p.high_margin
+            and waiting < 1.0
             and not st.model.unsafe_at_or_below(now_s, rps, down, p.low_margin)
         )
         # Probing up only means something where the cap binds (the GPUs draw close to it).

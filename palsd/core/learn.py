@@ -24,6 +24,7 @@ class ModelParams:
     load_ratio: float = 1.25  # load buckets grow geometrically by this ratio
     alpha: float = 0.2  # weight of a new observation in its cell
     memory_s: float = 180.0  # a cell older than this is forgotten
+    miss_memory_s: float = 900.0  # an SLO miss is remembered longer: a miss costs a window
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,12 @@ class ResponseModel:
 
     def _missed(self, now_s: float, requests_per_s: float) -> set[int]:
         load = self.load_key(requests_per_s)
+        # Two load buckets either side: a cap that missed at a bit more or less load is
+        # not worth another miss.
         return {
             cap
             for (cap, lk), seen in self.misses.items()
-            if abs(lk - load) <= 1 and now_s - seen <= self.params.memory_s
+            if abs(lk - load) <= 2 and now_s - seen <= self.params.miss_memory_s
         }
 
     def _live(self, now_s: float, requests_per_s: float) -> Mapping[int, _Cell]:

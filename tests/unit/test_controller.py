@@ -44,7 +44,7 @@ def two_gpu_server(sig: ServerSignals | None, draw_w: float = 450.0, budget_w: f
 # "up", "hold"; efficiency probing starts only once a cap has held for a whole window)
 CAP_TABLE = [
     ("ample headroom, cap not binding: down to draw + margin", signals(itl_s=0.03), 450.0, "down"),
-    ("inside the dead band: hold", signals(itl_s=0.082), 450.0, "hold"),
+    ("inside the dead band: hold", signals(itl_s=0.065), 450.0, "hold"),
     ("thin headroom: up", signals(itl_s=0.095), 690.0, "up"),
     ("SLO missed: up", signals(itl_s=0.15), 690.0, "up"),
     ("TTFT missed: up", signals(ttft_s=3.0), 690.0, "up"),

@@ -23,7 +23,7 @@ def test_control_keys_reach_the_joint_controller() -> None:
     p = ctrl.params
     assert p.max_raise_w_per_tick == 30.0
     assert (p.host_fixed_w, p.dwell_s, p.low_margin) == (500.0, 12.0, 0.05)
-    assert p.high_margin == 0.30  # untouched keys keep their defaults
+    assert p.high_margin == 0.50  # untouched keys keep their defaults
 
 
 def test_unlimited_raise_is_passed_as_none() -> None:
