@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from palsd.core.learn import ModelParams, ResponseModel
 from palsd.core.safety import (
     drawn_power_w,
-    excursion_w,
     fit_to_budget,
     limit_raise,
     raise_into_free_power,
@@ -154,7 +153,13 @@ class JointController:
             # new one (limits that did not bind never overshoot), so start cautious again.
             self._cold_since_s = now_s
             self._last_budget_w = budget_w
-        self._excursions.append((now_s, excursion_w(gpus)))
+        # What counts against a budget is the 1 s averaged power (what the GPUs' own cap loop
+        # holds and a facility meter integrates), so the guard learns its excursions above the
+        # limits; 100 ms instant spikes would starve the host for nothing.
+        avg_excursion = max(
+            0.0, sum((g.power_w or 0.0) - g.power_limit_w for g in gpus if g.power_w is not None)
+        )
+        self._excursions.append((now_s, avg_excursion))
         while self._excursions and now_s - self._excursions[0][0] > p.excursion_memory_s:
             self._excursions.pop(0)
         seen = max(e for _, e in self._excursions)
@@ -371,11 +376,16 @@ class JointController:
             )
         return cap, ""
 
-    def _grow_room(self, st: _ServerState, now_s: float, old: int, max_seqs: int) -> int:
-        """The limit growth may reach: one step, below a recent ceiling."""
+    def _grow_room(
+        self, st: _ServerState, now_s: float, old: int, max_seqs: int, ignore_itl_ceiling: bool
+    ) -> int:
+        """The limit growth may reach: one step, below a recent ceiling (an ITL ceiling gives
+        way when the queue hurts more than ITL; a budget ceiling never does)."""
         p = self.params
         target = min(max_seqs, math.ceil(old * (1.0 + p.batch_step_frac)))
-        if st.batch_ceiling is not None and now_s < st.ceiling_until_s:
+        active = st.batch_ceiling is not None and now_s < st.ceiling_until_s
+        budget_ceiling = st.ceiling_until_s == math.inf
+        if active and st.batch_ceiling is not None and (budget_ceiling or not ignore_itl_ceiling):
             target = min(target, st.batch_ceiling - 1)
         return max(target, old)
 
@@ -415,7 +425,7 @@ class JointController:
             h.itl is not None
             and h.itl < 0.0
             and power_starved
-            and (h.ttft is None or h.ttft > p.high_margin)
+            and (h.ttft is None or (h.ttft > p.high_margin and h.ttft > h.itl))
         ):
             base = min(old, max(int(sig.running), 1))
             new = max(p.min_batch_limit, int(base * (1.0 - p.batch_step_frac)))
@@ -426,12 +436,15 @@ class JointController:
                     f"spare ({describe(h)})"
                 )
             return
+        # Grow while requests wait and ITL has room, or while the queue hurts more than ITL
+        # does (TTFT headroom below ITL's): the batch limit balances the two.
+        queue_hurts = h.ttft is not None and (h.itl is None or h.ttft < h.itl)
         if (
             sig.waiting >= 1.0
             and not over_budget_at_floor
-            and (h.itl is None or h.itl > p.low_margin)
+            and (h.itl is None or h.itl > p.low_margin or queue_hurts)
         ):
-            new = self._grow_room(st, now_s, old, max_seqs)
+            new = self._grow_room(st, now_s, old, max_seqs, ignore_itl_ceiling=queue_hurts)
             if new > old:
                 st.batch_limit = new
                 st.batch_changed_s = now_s
