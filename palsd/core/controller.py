@@ -79,7 +79,7 @@ class JointParams:
     max_raise_w_per_tick: float | None = 150.0
     # Plan this share below the budget: the firmware's cap loop overshoots for a moment when
     # load jumps, so limits that sum exactly to the budget let the drawn power poke above it.
-    budget_guard_frac: float = 0.02
+    budget_guard_frac: float = 0.04
     # ... and the guard grows to what the host was recently seen to overshoot its limits by
     # (sampled at ticks, so scaled up), remembered for excursion_memory_s; for cold_s after
     # start and after each budget change it is at least cold_guard_frac.
