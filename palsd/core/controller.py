@@ -48,7 +48,9 @@ class JointParams:
     control_caps: bool = True  # False: every cap at min(default, budget / GPUs) (PALS static)
     control_batch: bool = True  # False: every batch limit at fixed_batch_limit
     fixed_batch_limit: int | None = None  # None: the server's max_num_seqs (vLLM's default)
-    initial_batch_limit: int | None = None  # None: start from what the server reports
+    # Where the batch limit starts: PALS's 64, from which a queue grows it (up to the server's
+    # max_num_seqs) within seconds; None: start from what the server reports.
+    initial_batch_limit: int | None = 64
     low_margin: float = 0.25  # SLO headroom below this: raise the cap
     high_margin: float = 0.50  # headroom above this: a lower cap may be probed
     dwell_s: float = 10.0  # a cap is judged after holding this long (the signal window)
