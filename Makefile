@@ -93,6 +93,13 @@ bench-tick: venv
 bench-mqtt: venv system-deps
 	$(BIN)/python tools/bench_mqtt.py --changes 1000
 
+# The fleet coordinator against a real Mosquitto and 1,000 lightweight simulated hosts, stepping
+# the group budget; the last line is one JSON object (hosts, realloc_p99_ms,
+# max_over_group_budget_w, coordinator_cpu_percent). See docs/fleet.md.
+.PHONY: bench-fleet
+bench-fleet: venv system-deps
+	$(BIN)/python tools/bench_fleet.py --hosts 1000
+
 # 10,000 signed budgets at 200/s over a real Mosquitto into `palsd run` and 8 simulated GPUs;
 # the last line is one JSON object (sent, applied_last, lost_uncounted, max_tick_gap_s,
 # over_budget_ms). See docs/mqtt.md.

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from palsd.fleet import ctl as fleet_ctl
 from palsd.units import parse_duration_s, parse_watts
 
 DEFAULT_SOCKET = Path("/run/palsd/palsd.sock")
@@ -168,11 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--reason", help="free text shown in status and logs")
     sub.add_parser("clear-budget", help="remove the local budget override")
     sub.add_parser("health", help="exit 0 if the control loop is ticking")
+    fleet_ctl.add_arguments(sub.add_parser("fleet", help="a fleet coordinator's group view"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "fleet":
+        return fleet_ctl.main(args)
     token = None
     if args.token_file:
         try:

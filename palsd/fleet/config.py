@@ -67,6 +67,9 @@ class AllocationConfig(_Section):
     stale_after_s: float = Field(15.0, gt=0, description="a member's status older: stale")
     min_change_w: float = Field(1.0, ge=0, description="smaller raises are not sent")
     peers: bool = Field(False, description="another coordinator allocates this group too")
+    host_hold_s: float = Field(
+        5.0, gt=0, le=3600, description="the hosts' mqtt.groups[].hold_s (at least)"
+    )
 
     @model_validator(mode="after")
     def _refresh_before_expiry(self) -> AllocationConfig:

@@ -166,8 +166,11 @@ class Params:
     ttl_s: float = 15.0  # allocation lifetime
     refresh_s: float = 3.0  # re-send an unchanged allocation after this long
     stale_after_s: float = 15.0  # a member whose status is older is reported stale
-    min_change_w: float = 1.0  # smaller raises are not worth a message
+    min_change_w: float = 1.0  # smaller changes are not worth a message (refreshes carry them)
     peers: bool = False  # another coordinator allocates the same group (a standby)
+    # The hosts' hold_s (at least): an allocation that arrived within it after a cut was
+    # scaled down by the host (rule 3); one sent after it is taken as sent, so re-send then.
+    host_hold_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,9 @@ class Coordinator:
             limit = own if over else bound
             if target <= limit + _EPS_W:
                 # A lowering (or the same value) goes out at once: cut first, everywhere.
-                send = self._maybe_send(h, min(target, limit), now_s, force=target < limit - _EPS_W)
+                lower = target < limit - max(_EPS_W, self.params.min_change_w)
+                force = lower or self._scaled_down(self.members[h], now_s)
+                send = self._maybe_send(h, min(target, limit), now_s, force=force)
                 if send is not None:
                     sends.append(send)
             else:
@@ -341,6 +346,16 @@ class Coordinator:
                 if send is not None:
                     sends.append(send)
         return Round(tuple(sends), allocation, bounds, tuple(blocked), stale)
+
+    def _scaled_down(self, m: _Member, now_s: float) -> bool:
+        """The host holds our latest allocation but counts it lower than we do: it arrived
+        too soon after a cut (host rule 3). Once the host's window has passed, re-send."""
+        r, last = m.report, m.latest
+        if r is None or last is None or r.held_seq != last.seq or self.group_w is None:
+            return False
+        if now_s - m.latest_at < self.params.host_hold_s:
+            return False
+        return r.in_force_w < last.scaled_w(self.group_w) - self.params.min_change_w
 
     def _maybe_send(self, host_id: str, watts: float, now_s: float, force: bool) -> Send | None:
         m = self.members[host_id]

@@ -124,7 +124,9 @@ class CoordinatorService:
         self.clock = clock
         self.log = get_logger("palsd.coordinator")
         a = cfg.allocation
-        params = Params(a.ttl_s, a.refresh_s, a.stale_after_s, a.min_change_w, a.peers)
+        params = Params(
+            a.ttl_s, a.refresh_s, a.stale_after_s, a.min_change_w, a.peers, a.host_hold_s
+        )
         self.core = Coordinator(
             cfg.coordinator_id, {m.host_id: m.share for m in cfg.members}, clock(), params
         )
