@@ -220,5 +220,5 @@ async def test_a_flood_of_budgets_coalesces_and_never_starves_the_tick(tmp_path)
     runs = _sample(daemon, "palsd_budget_enforce_duration_seconds_count")
     assert changes > 1000 and 0 < runs < changes / 10  # coalesced, not one run per message
     # The control period held while the flood went on.
-    assert ticked >= 0.5 * flood_s / period_s, ticked
+    assert ticked >= 0.3 * flood_s / period_s, ticked
     assert audit.raises > raises_in_flood and audit.violations == []
