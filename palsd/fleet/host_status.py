@@ -40,6 +40,13 @@ def gpu_demand_w(gpu: Mapping[str, Any]) -> float:
     return min(hi, max(lo, want))
 
 
+def host_demand_w(gpu_demand_w: float, floor_w: float, max_w: float, urgency: float) -> float:
+    """What the host would draw unconstrained: what its GPUs ask for, and at least as much of
+    its range above the floor as its SLOs are urgent (a host missing its SLOs under a cap that
+    its controller holds low for efficiency does not press against it, yet needs more)."""
+    return min(max_w, max(gpu_demand_w, floor_w + urgency * (max_w - floor_w)))
+
+
 def _headroom(target: Any, measured: Any) -> float | None:
     t, m = _f(target), _f(measured)
     if t is None or m is None or t <= 0:
@@ -76,13 +83,15 @@ def fleet_section(status: Mapping[str, Any], groups: Mapping[str, Any]) -> dict[
     gpus = [g for g in status.get("gpus") or [] if isinstance(g, Mapping)]
     servers = [s for s in status.get("servers") or [] if isinstance(s, Mapping)]
     floor_w = math.fsum(_f(g.get("min_limit_w")) or 0.0 for g in gpus)
-    max_w = math.fsum(_f(g.get("max_limit_w")) or 0.0 for g in gpus)
+    max_w = max(floor_w, math.fsum(_f(g.get("max_limit_w")) or 0.0 for g in gpus))
+    urgency = max((server_urgency(s) for s in servers), default=0.0)
+    demand_w = host_demand_w(math.fsum(gpu_demand_w(g) for g in gpus), floor_w, max_w, urgency)
     return {
         "floor_w": round(floor_w, 3),
-        "max_w": round(max(max_w, floor_w), 3),
-        "demand_w": round(math.fsum(gpu_demand_w(g) for g in gpus), 3),
+        "max_w": round(max_w, 3),
+        "demand_w": round(demand_w, 3),
         "draw_w": round(math.fsum(_f(g.get("power_w")) or 0.0 for g in gpus), 3),
-        "urgency": round(max((server_urgency(s) for s in servers), default=0.0), 4),
+        "urgency": round(urgency, 4),
         "groups": dict(groups),
     }
 

@@ -29,7 +29,8 @@ def _gpu_choices() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--scenario", required=True, choices=[*SCENARIOS, "cluster"])
+    parser.add_argument("--hosts", type=int, default=3, help="cluster: hosts in the group")
     parser.add_argument("--hours", type=float, default=1.0, help="virtual hours (default 1)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", choices=sorted(MODELS), default="mixtral")
@@ -111,6 +112,10 @@ def _children_cpu_s() -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.scenario == "cluster":  # a group of hosts under one budget: palsd/sim/cluster.py
+        from palsd.sim.cluster import main as cluster_main
+
+        return cluster_main(args)
     from palsd.sim import report
     from palsd.sim.scenarios import capacity_per_s
 

@@ -108,9 +108,11 @@ def test_fleet_status_reports_what_the_coordinator_needs():
     }
     section = fleet_section(status, book.fleet_status(7))
     assert section["floor_w"] == 400 and section["max_w"] == 1400
+    # a host missing its SLO asks for its whole range, whatever its GPUs press for
+    assert section["urgency"] == 1.0 and section["demand_w"] == 1400
+    relaxed = fleet_section({**status, "servers": [{"slo_met": True}]}, book.fleet_status(7))
     # the pressing GPU asks for its maximum; the relaxed one its draw + 30 W, at least its minimum
-    assert section["demand_w"] == 700 + 200
-    assert section["urgency"] == 1.0
+    assert relaxed["urgency"] == 0.0 and relaxed["demand_w"] == 700 + 200
     report = decode_report({"fleet": section}, "h", ONE.group_origin, "c1", now_s=7)
     assert report.held_seq == 42 and report.held_w == 3000 and not report.joining
     assert report.in_force_w == 3000
