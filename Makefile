@@ -76,6 +76,12 @@ DURATION_S ?= 0
 try-vllm: venv vllm-env
 	$(BIN)/python tools/try_vllm.py --seconds $(DURATION_S)
 
+# The batch-limit plugin on a live 2-engine vLLM (--data-parallel-size 2, CPU build, tiny dense
+# model); opt-in because two engines take minutes to start on a small machine.
+.PHONY: test-vllm-dp
+test-vllm-dp: venv vllm-env
+	PALSD_TEST_VLLM_DP=1 $(BIN)/pytest -q -rs -p no:cacheprovider tests/integration/test_vllm_dp.py
+
 clean:
 	rm -rf $(VENV) run out build *.egg-info
 
