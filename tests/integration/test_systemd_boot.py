@@ -21,8 +21,9 @@ What the test copy of the unit changes, and why (everything else is the shipped 
   to this machine (and there is no NVIDIA device here anyway);
 - Restart=no, so the state after the watchdog kill (limits restored) can be observed;
 - stdout goes to a file: there is no journald in the namespace;
-- where this machine's Python lives under /root or /home (pyenv), ProtectHome=yes becomes
-  ProtectHome=tmpfs with that prefix bound back read-only: homes stay hidden otherwise.
+- where this machine's Python, the virtualenv or the checkout lives under /root or /home,
+  ProtectHome=yes becomes ProtectHome=tmpfs with those paths bound back read-only: homes stay
+  hidden otherwise.
 """
 
 from __future__ import annotations
@@ -120,11 +121,14 @@ def _unavailable() -> str | None:
 
 def _drop_in(work: Path) -> str:
     home = ""
-    interpreter = Path(sys.base_prefix).resolve()
-    if interpreter.parts[:2] in (("/", "root"), ("/", "home")):
-        # ProtectHome=yes would hide this machine's Python (pyenv under a home directory):
-        # keep homes hidden behind a tmpfs and bind only the interpreter's prefix back.
-        home = f"ProtectHome=tmpfs\nBindReadOnlyPaths={interpreter}\n"
+    # What the unit runs from: the interpreter (pyenv), the virtualenv and the checkout that the
+    # editable install points at. Any of them may sit under a home directory (a clone in
+    # /root, say), which ProtectHome=yes would hide: then keep homes hidden behind a tmpfs and
+    # bind only those paths back, read-only.
+    needed = {Path(p).resolve() for p in (sys.base_prefix, sys.prefix, ROOT)}
+    in_homes = sorted(str(p) for p in needed if p.parts[:2] in (("/", "root"), ("/", "home")))
+    if in_homes:
+        home = f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(in_homes)}\n"
     return f"""[Unit]
 DefaultDependencies=no
 [Service]
