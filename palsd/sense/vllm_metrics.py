@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from palsd.errors import BadInput
 
@@ -102,7 +103,7 @@ class Histogram:
     count: float
     sum_s: float
 
-    @property
+    @cached_property  # compared at every step of every window: worked out once
     def bounds(self) -> tuple[float, ...]:
         return tuple(le for le, _ in self.buckets)
 
