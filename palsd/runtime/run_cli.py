@@ -150,7 +150,7 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
             actuator=actuator,
             controller=make_controller(cfg),
             servers=make_server_links(
-                cfg, client, metrics=metrics, log=log, record_original=actuator.record_server
+                cfg, client, ports, metrics=metrics, log=log, record_original=actuator.record_server
             ),
             book=BudgetBook(
                 cfg.budget.default_w, cfg.budget.fallback_w, facility_expected=cfg.mqtt.enabled

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,18 +82,19 @@ def make_batch_ports(cfg: PalsdConfig, client: httpx.AsyncClient) -> dict[str, B
 def make_server_links(
     cfg: PalsdConfig,
     client: httpx.AsyncClient,
+    ports: Mapping[str, BatchLimitClient],
     *,
     metrics: Metrics,
     log: Any,
     record_original: Callable[[str, str, int], bool],
 ) -> list[ServerLink]:
-    """Per server: the scrape task (sense) and the batch-limit task (act), both long-lived."""
+    """Per server: the scrape task (sense) and the batch-limit task (act, over `ports`, the
+    same clients that restore the batch limits at exit), both long-lived."""
     from palsd.act.batch_actuator import BatchActuator
     from palsd.runtime.daemon import ServerLink
     from palsd.sense.scraper import ServerScraper
     from palsd.sense.vllm import VllmScraper
 
-    ports = make_batch_ports(cfg, client)
     period_s = cfg.control.period_s
     links = []
     for s in cfg.servers:
