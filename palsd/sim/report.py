@@ -172,7 +172,8 @@ def markdown(
     if curve:
         lines += [
             f"The preset's tokens/J (host) against the cap at a saturating load peaks at "
-            f"{curve['optimum_cap_w']:g} W per GPU: a {curve['regime']} optimum "
+            f"{curve['optimum_cap_w']:g} W per GPU: "
+            f"{'an' if curve['regime'][0] in 'aeiou' else 'a'} {curve['regime']} optimum "
             "(efficiency_curve.png).",
             "",
         ]
