@@ -1,7 +1,9 @@
 """Scraping one vLLM server's /metrics over HTTP into windowed signals; never raises.
 
 The imperative shell around vllm_metrics (parse) and signals (window): one VllmScraper per
-configured server, polled by the daemon each tick with the tick's time.
+configured server, polled by its scrape task with the time of the scrape. Each keeps its own
+kept-alive connection to its server (palsd.sense.http_get): the scrape is the daemon's hottest
+path, and httpx's per-request cost was most of the daemon's CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import httpx
 
 from palsd.core.types import ServerSignals
 from palsd.errors import BadInput
+from palsd.sense.http_get import HttpGetError, HttpGetTimeout, PageGetter
 from palsd.sense.signals import DEFAULT_WINDOW_S, SignalWindow, WindowReport
 from palsd.sense.vllm_metrics import parse_metrics
 
@@ -28,24 +31,31 @@ class VllmScraper:
     On None, `stale_reason` says why (for logs, status and the controller) and `failures`
     counts every failed scrape since start; `consecutive_failures` resets on success.
     `reconnects` counts scrapes sent twice because the server dropped an idle connection.
+
+    `client` is not used for the scrape any more (the scraper keeps its own connection); it is
+    still accepted so that callers written for the httpx scraper keep working.
     """
 
     def __init__(
         self,
         url: str,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | None = None,
         window_s: float = DEFAULT_WINDOW_S,
         timeout_s: float = 1.0,
     ) -> None:
         self.url = metrics_url(url)
-        self._client = client
+        self._getter = PageGetter(self.url)
         self._timeout_s = timeout_s
         self._window = SignalWindow(window_s)
         self.stale_reason: str | None = "not scraped yet"
         self.failures = 0
         self.consecutive_failures = 0
-        self.reconnects = 0  # scrapes repeated after a dropped kept-alive connection
         self.last_report: WindowReport | None = None
+
+    @property
+    def reconnects(self) -> int:
+        """Scrapes repeated on a fresh connection after the server dropped a kept-alive one."""
+        return self._getter.reconnects
 
     async def poll(self, now_s: float) -> ServerSignals | None:
         """Scrape once, add it to the window taken at `now_s`, answer the server's signals."""
@@ -60,30 +70,24 @@ class VllmScraper:
         self.last_report = self._window.report()
         return None if self.last_report is None else self.last_report.server
 
-    async def _get(self) -> httpx.Response:
-        """One GET; sent once more, on a fresh connection, when the server dropped a kept-alive
-        connection without answering. uvicorn closes idle ones after 5 s, so a scrape period
-        near that races the close; a GET is safe to repeat, and one repeat bounds the cost."""
-        try:
-            return await self._client.get(self.url, timeout=self._timeout_s)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-            self.reconnects += 1
-            return await self._client.get(self.url, timeout=self._timeout_s)
+    def close(self) -> None:
+        """Close the kept-alive connection (a later poll opens a new one)."""
+        self._getter.close()
 
     async def _scrape(self, now_s: float) -> str | None:
         """None on success, else the reason the scrape failed."""
         try:
-            resp = await self._get()
-        except httpx.TimeoutException:
+            page = await self._getter.get(self._timeout_s)
+        except HttpGetTimeout:
             return f"timeout after {self._timeout_s:g} s scraping {self.url}"
-        except httpx.HTTPError as e:
-            return f"cannot reach {self.url}: {type(e).__name__}: {e}"
-        if resp.status_code != 200:
-            return f"{self.url} answered HTTP {resp.status_code}"
+        except HttpGetError as e:
+            return f"cannot reach {self.url}: {e}"
+        if page.status != 200:
+            return f"{self.url} answered HTTP {page.status}"
         try:
             # Parsing a vLLM page costs milliseconds of CPU: off the event loop, so a budget
             # arriving meanwhile is enforced without waiting for the parse.
-            engines = await asyncio.to_thread(parse_metrics, resp.text)
+            engines = await asyncio.to_thread(parse_metrics, page.text)
         except BadInput as e:
             return f"{self.url}: {e}"
         except Exception as e:  # a parser bug must not take the daemon down with it
