@@ -66,17 +66,23 @@ class BudgetDesk:
         self._metrics.report_budget(budget)
         if self.closing:
             return
-        limits_w = self._limit_sum_w()
-        if (
-            budget.effective_w is not None
-            and limits_w is not None
-            and limits_w > budget.effective_w
-        ):
-            if self._cut_since is None:
-                self._cut_since = time.perf_counter()
-            self.cut.set()
-        else:
+        if not self.recheck():
             self.more_room.set()  # a cut is enforced by itself: an early tick would compete
+
+    def recheck(self) -> bool:
+        """Signal a cut if the limits in force sum above the budget in force. Called when a
+        budget arrives and after every write: a raise whose set call was in flight when a
+        budget arrived lands over it, and only the write path sees that happen."""
+        budget = self.in_force()
+        limits_w = self._limit_sum_w()
+        if self.closing or budget.effective_w is None or limits_w is None:
+            return False
+        if limits_w <= budget.effective_w:
+            return False
+        if self._cut_since is None:
+            self._cut_since = time.perf_counter()
+        self.cut.set()
+        return True
 
     def take_cut(self) -> float | None:
         """The daemon enforces now: clear the cut, answer when the oldest waiting one came."""

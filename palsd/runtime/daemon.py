@@ -281,6 +281,7 @@ class Daemon:
             replace(g, power_limit_w=result.applied.get(g.index, g.power_limit_w))
             for g in self.gpus
         )
+        self.budgets.recheck()
         self.log.info(
             # A distinct event in dry run, so nobody reads would-be limits as real writes.
             "power_limits_would_apply" if self.actuator.dry_run else "power_limits_applied",

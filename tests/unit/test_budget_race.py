@@ -141,8 +141,11 @@ async def play(tmp: Path, script: list[Tick | Between]) -> Audit:
             assert await daemon.tick()
             if audit.arrive_at_write is not None and audit.writes < audit.arrive_at_write:
                 daemon.set_override(BudgetEntry(step.arrive_w))  # fewer writes: arrives after
-        # What the budget task does when it runs: enforce the newest budget, once.
-        await daemon.enforce_cut()
+        # What the budget task does: enforce the newest budget once, when a cut was signalled
+        # (a cut nobody signalled, like a raise landing over a budget that arrived during its
+        # set call, would otherwise wait for the next tick).
+        if daemon.budgets.cut.is_set():
+            await daemon.enforce_cut()
         budget = daemon.budget().effective_w
         assert budget is not None
         total = host.limit_sum_w()
@@ -183,6 +186,31 @@ def test_a_cut_arriving_between_a_ticks_lowerings_and_raises_stops_its_raises(tm
     asyncio.run(scenario())
     assert audit.violations == []
     assert {i: g.power_limit_w for i, g in host.gpus.items()} == {0: 300.0, 1: 300.0}
+
+
+def test_a_cut_arriving_during_a_raise_is_enforced_as_soon_as_the_raise_lands(tmp_path):
+    """The hole the flood bench found: a cut arrives while a raise's set call is in flight.
+    The limits known at arrival (before the raise) fit the new budget, so arrival alone sees
+    nothing to enforce; the raise then lands over it. The write path must signal the cut
+    itself, so the budget task fits the limits at once instead of a tick later."""
+    host = MemoryHost(2)
+    controller = Scripted()
+    daemon = make_daemon(tmp_path, host, controller=controller, book=BudgetBook(default_w=1400))
+    audit = Audit(host, daemon)
+
+    async def scenario() -> None:
+        audit.loop = asyncio.get_running_loop()
+        controller.targets = {0: 300.0, 1: 300.0}
+        assert await daemon.tick()
+        controller.targets = {0: 300.0, 1: 700.0}
+        # 900 W arrives inside the raise of GPU 1: 600 W known, 1000 W once it lands.
+        audit.arriving, audit.arrive_at_write = 900.0, audit.writes + 1
+        assert await daemon.tick()
+        assert daemon.budgets.cut.is_set(), "the raise landed over the budget unsignalled"
+        await daemon.enforce_cut()
+
+    asyncio.run(scenario())
+    assert host.limit_sum_w() <= 900.0 + EPS_W
 
 
 def _sample(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float:
