@@ -143,9 +143,7 @@ class BatchLimitClient:
             if attempt:
                 await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
             try:
-                resp = await self._client.request(
-                    method, self.url, json=body, headers=self._headers, timeout=self._timeout_s
-                )
+                resp = await self._request(method, body)
             except httpx.TimeoutException:
                 last = BatchLimitUnavailable(self.url, f"timed out after {self._timeout_s:g} s")
                 continue
@@ -161,6 +159,21 @@ class BatchLimitClient:
             return self._answer(resp)
         assert last is not None
         raise last
+
+    async def _request(self, method: str, body: dict[str, int] | None) -> httpx.Response:
+        """One request. vLLM closes a connection idle for 5 s; when it drops a kept-alive one
+        unanswered, a GET is sent once more at once (on a fresh connection), so a server that
+        is up is never reported unreachable for it. A PUT is left to the attempts above."""
+        try:
+            return await self._client.request(
+                method, self.url, json=body, headers=self._headers, timeout=self._timeout_s
+            )
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            if method != "GET":
+                raise
+        return await self._client.request(
+            method, self.url, json=body, headers=self._headers, timeout=self._timeout_s
+        )
 
     def _answer(self, resp: httpx.Response) -> BatchLimitState:
         code = resp.status_code

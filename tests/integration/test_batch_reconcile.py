@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from palsd.act.batch_actuator import BACKOFF_MAX_S
 from tests.integration import test_vllm_real as real
 from tests.integration.procs import palsd, palsd_config, sim_host, wait_until
 from tests.unit.test_vllm_metrics import v1_page
@@ -272,7 +273,10 @@ def test_after_a_real_vllm_restart_palsds_limit_is_put_back(tmp_path: Path, tiny
                 # Seen gone and back: logged once when it went, once when it came back.
                 changes = [e["state"] for e in d.events("batch_control_changed")]
                 assert changes == ["ok", "unreachable", "ok"], changes
-    assert took_s < 15, took_s
+    # The promise is "corrected once palsd sees the server back", not a speed: the scraper's
+    # first answer wakes the batch task at once, and even without it the back-off asks again
+    # within BACKOFF_MAX_S. A bound at that cap plus slack cannot flake on a busy machine.
+    assert took_s < BACKOFF_MAX_S + 10, took_s
 
 
 def _vllm_limit(url: str, token: str) -> int:

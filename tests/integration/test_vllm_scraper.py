@@ -302,3 +302,38 @@ async def test_batch_client_does_not_retry_a_501(client: httpx.AsyncClient) -> N
     finally:
         await runner.cleanup()
     assert calls == 1
+
+
+async def test_batch_client_reads_again_when_the_server_dropped_a_kept_alive_connection(
+    client: httpx.AsyncClient,
+) -> None:
+    """The batch task's GET meets the same idle-connection close as the scraper: the read is
+    sent once more on a fresh connection, so a server that is up never shows `unreachable`."""
+    body = b'{"max_num_seqs": 8, "limit": 4, "running": 1, "waiting": 0}'
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        writer.write(head + body)
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        batch = BatchLimitClient(f"http://127.0.0.1:{port}", client, timeout_s=5.0)
+        first = await batch.get()
+        second = await batch.get()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert first.limit == second.limit == 4
+    assert connections == 2
