@@ -89,6 +89,7 @@ def build_host(args: argparse.Namespace, epoch_s: float) -> TwinHost:
         raise ValueError(f"--rate must be > 0, got {rate}")
     if not (math.isfinite(args.speed) and args.speed > 0):
         raise ValueError(f"--speed must be > 0, got {args.speed}")
+    _check_fits(args)
     return TwinHost(
         gpu=args.gpu,
         model=args.model,
@@ -100,6 +101,27 @@ def build_host(args: argparse.Namespace, epoch_s: float) -> TwinHost:
         epoch_s=epoch_s,
         keep_records=False,  # a sim host may run for days: keep histograms, not every request
     )
+
+
+def _check_fits(args: argparse.Namespace) -> None:
+    """A model too big for its servers' GPUs: say which presets would fit, not only that
+    this one does not (a newcomer on one GPU meets it first)."""
+    gpu, tp = GPU_PRESETS[args.gpu], args.gpus // args.servers
+
+    def fits(name: str) -> bool:
+        try:
+            MODEL_PRESETS[name].kv_capacity_tokens(gpu, tp)
+        except ValueError:
+            return False
+        return True
+
+    if not fits(args.model):
+        fitting = [name for name in sorted(MODEL_PRESETS) if fits(name)]
+        hint = f"--model {' or '.join(fitting)}" if fitting else "a smaller model"
+        raise ValueError(
+            f"--model {args.model} does not fit on {tp} x {gpu.name} per server (TP={tp}); "
+            f"choose {hint}, or give each server more GPUs (--gpus a multiple of --servers)"
+        )
 
 
 def _gpu_json(host: TwinHost, index: int) -> dict[str, Any]:
