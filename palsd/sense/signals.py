@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
+from operator import add, lt, sub
 
 from palsd.core.types import Quantiles, ServerSignals
 from palsd.sense.vllm_metrics import EngineKey, EngineSample, Histogram
@@ -59,9 +60,9 @@ class _Step:
     generation_tokens: float | None
     preemptions: float | None
     requests_finished: float | None
-    ttft: tuple[tuple[float, ...], Buckets] | None
-    itl: tuple[tuple[float, ...], Buckets] | None
-    e2e: tuple[tuple[float, ...], Buckets] | None
+    ttft: tuple[tuple[float, ...], tuple[float, ...]] | None  # (bounds, count increases)
+    itl: tuple[tuple[float, ...], tuple[float, ...]] | None
+    e2e: tuple[tuple[float, ...], tuple[float, ...]] | None
 
 
 # Steps between two consecutive scrapes, for each engine both pages hold.
@@ -153,31 +154,35 @@ def _increase(steps: Iterable[float | None]) -> float:
 
 def _hist_step(
     a: Histogram | None, b: Histogram | None
-) -> tuple[tuple[float, ...], Buckets] | None:
-    """Bucket increases from a to b; all of b when the histogram restarted or changed bounds."""
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Bucket increases from a to b as (bounds, counts); all of b when the histogram restarted
+    or changed bounds."""
     if a is None or b is None:
         return None
-    if a.bounds != b.bounds or any(
-        cb < ca for (_, ca), (_, cb) in zip(a.buckets, b.buckets, strict=True)
-    ):
-        return b.bounds, b.buckets
-    return b.bounds, tuple(
-        (le, cb - ca) for (le, ca), (_, cb) in zip(a.buckets, b.buckets, strict=True)
-    )
+    bounds = b.bounds
+    new = tuple(cum for _, cum in b.buckets)
+    if a.bounds != bounds:
+        return bounds, new
+    old = tuple(cum for _, cum in a.buckets)
+    if any(map(lt, new, old)):
+        return bounds, new
+    return bounds, tuple(map(sub, new, old))
 
 
-def _hist_increase(steps: Iterable[tuple[tuple[float, ...], Buckets] | None]) -> Buckets | None:
-    acc: Buckets | None = None
+def _hist_increase(
+    steps: Iterable[tuple[tuple[float, ...], tuple[float, ...]] | None],
+) -> Buckets | None:
+    acc: tuple[float, ...] | None = None
     acc_bounds: tuple[float, ...] = ()
     for step in steps:
         if step is None:
             continue
-        bounds, buckets = step
+        bounds, counts = step
         if acc is None or acc_bounds != bounds:
-            acc, acc_bounds = buckets, bounds  # bounds changed: only the newer can be summed
+            acc, acc_bounds = counts, bounds  # bounds changed: only the newer can be summed
         else:
-            acc = tuple((le, x + y) for (le, x), (_, y) in zip(acc, buckets, strict=True))
-    return acc
+            acc = tuple(map(add, acc, counts))
+    return None if acc is None else tuple(zip(acc_bounds, acc, strict=True))
 
 
 def _steps_between(a: Scrape, b: Scrape) -> dict[EngineKey, _Step]:
@@ -203,6 +208,8 @@ def merge_buckets(parts: Iterable[Buckets | None]) -> Buckets | None:
     present = [p for p in parts if p is not None]
     if not present:
         return None
+    if len(present) == 1:  # one engine (the common case): the same sums, without the sets
+        return tuple(sorted({le: 0.0 + cum for le, cum in present[0]}.items()))
     shared = set.intersection(*(set(le for le, _ in p) for p in present))
     total: dict[float, float] = {}
     for p in present:
