@@ -16,7 +16,7 @@ from palsd.core.types import ServerSignals
 from palsd.errors import BadInput
 from palsd.sense.http_get import HttpGetError, HttpGetTimeout, PageGetter
 from palsd.sense.signals import DEFAULT_WINDOW_S, SignalWindow, WindowReport
-from palsd.sense.vllm_metrics import parse_metrics
+from palsd.sense.vllm_metrics import EngineKey, EngineSample, parse_metrics, process_start_s
 
 
 def metrics_url(url: str) -> str:
@@ -31,6 +31,8 @@ class VllmScraper:
     On None, `stale_reason` says why (for logs, status and the controller) and `failures`
     counts every failed scrape since start; `consecutive_failures` resets on success.
     `reconnects` counts scrapes sent twice because the server dropped an idle connection.
+    `restarts` counts restarts of the server seen on its page (a new process start time, or
+    a counter that went back): whoever acts on the server (its batch limit) reads it.
 
     `client` is not used for the scrape any more (the scraper keeps its own connection); it is
     still accepted so that callers written for the httpx scraper keep working.
@@ -50,7 +52,10 @@ class VllmScraper:
         self.stale_reason: str | None = "not scraped yet"
         self.failures = 0
         self.consecutive_failures = 0
+        self.restarts = 0
         self.last_report: WindowReport | None = None
+        self._started_s: float | None = None  # the server's process_start_time_seconds
+        self._engines: dict[EngineKey, EngineSample] = {}  # the last page's, for resets
 
     @property
     def reconnects(self) -> int:
@@ -84,13 +89,37 @@ class VllmScraper:
             return f"cannot reach {self.url}: {e}"
         if page.status != 200:
             return f"{self.url} answered HTTP {page.status}"
+        text = page.text
         try:
             # Parsing a vLLM page costs milliseconds of CPU: off the event loop, so a budget
             # arriving meanwhile is enforced without waiting for the parse.
-            engines = await asyncio.to_thread(parse_metrics, page.text)
+            engines = await asyncio.to_thread(parse_metrics, text)
         except BadInput as e:
             return f"{self.url}: {e}"
         except Exception as e:  # a parser bug must not take the daemon down with it
             return f"{self.url}: cannot parse metrics: {type(e).__name__}: {e}"
+        started_s = process_start_s(text)
+        if self._restarted(started_s, engines):
+            self.restarts += 1
+        self._started_s = started_s if started_s is not None else self._started_s
+        self._engines = engines
         self._window = self._window.push(now_s, engines)
         return None
+
+    def _restarted(self, started_s: float | None, engines: dict[EngineKey, EngineSample]) -> bool:
+        """A new process since the last good scrape: its start time moved, or a counter that
+        only grows in one process went back (a server without the process collector)."""
+        if started_s is not None and self._started_s is not None:
+            return started_s != self._started_s
+        for key, new in engines.items():
+            old = self._engines.get(key)
+            if old is None:
+                continue
+            for a, b in (
+                (old.generation_tokens, new.generation_tokens),
+                (old.prompt_tokens, new.prompt_tokens),
+                (old.requests_finished, new.requests_finished),
+            ):
+                if a is not None and b is not None and b < a:
+                    return True
+        return False

@@ -87,6 +87,21 @@ _LABEL = re.compile(r'[ \t]*([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 
+# The Prometheus client's process collector, on every vLLM page: a new value is a new process.
+_PROCESS_START = re.compile(r"^process_start_time_seconds(?:\{[^\n]*\})?[ \t]+(\S+)", re.M)
+
+
+def process_start_s(text: str) -> float | None:
+    """`process_start_time_seconds` on the page (unix time), or None when absent or unreadable."""
+    m = _PROCESS_START.search(text)
+    if m is None:
+        return None
+    try:
+        return float(m.group(1))
+    except ValueError:
+        return None
+
+
 class MetricsFormatError(BadInput):
     """The page is not Prometheus text, or holds no vLLM series at all."""
 

@@ -17,6 +17,7 @@ from palsd.sense.http_get import HttpGetError, HttpGetTimeout, PageGetter
 from palsd.sense.vllm import VllmScraper
 from palsd.sense.vllm_metrics import parse_metrics
 from tests.integration.procs import sim_host
+from tests.unit.test_vllm_metrics import v1_page
 
 FIXTURE = Path(__file__).parents[1] / "unit" / "data" / "vllm-0.32.0-cpu-metrics.txt"
 Handle = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -151,3 +152,34 @@ async def test_garbage_and_silence_are_errors_not_hangs() -> None:
 def test_only_http_urls() -> None:
     with pytest.raises(ValueError, match="not an http"):
         PageGetter("unix:///run/vllm.sock")
+
+
+async def test_a_restarted_server_is_seen_on_its_page() -> None:
+    """A new process_start_time_seconds, or (without it) a counter going back, counts one
+    restart; the same process scraped again counts none."""
+    pages = [
+        "process_start_time_seconds 100.0\n" + v1_page(gen=1000.0),
+        "process_start_time_seconds 100.0\n" + v1_page(gen=2000.0),
+        "process_start_time_seconds 250.0\n" + v1_page(gen=10.0),
+        v1_page(gen=20.0),  # no process collector: counters only
+        v1_page(gen=5.0),
+    ]
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=pages.pop(0))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    scraper = VllmScraper(f"http://127.0.0.1:{runner.addresses[0][1]}", timeout_s=5.0)
+    seen = []
+    try:
+        for at_s in range(5):
+            assert await scraper.poll(float(at_s)) is not None, scraper.stale_reason
+            seen.append(scraper.restarts)
+    finally:
+        scraper.close()
+        await runner.cleanup()
+    assert seen == [0, 0, 1, 1, 2]
