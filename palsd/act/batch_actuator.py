@@ -9,7 +9,8 @@ Rules of this file:
 - A server found holding another limit than the one palsd last set (it restarted, or someone
   else set it) is set back, and the correction is logged as `batch_limit_corrected`.
 - A change of batch control is logged once (a warning when it leaves OK), not every poll; while
-  it is not OK the endpoint is polled with exponential backoff (1 s doubling to 30 s).
+  it is not OK the endpoint is polled with exponential backoff (1 s doubling to 30 s). While OK
+  it is read every `poll_s` (slow: a limit changes rarely), and at once on `retry_soon`.
 - One call at a time per server, each bounded by the client's timeout; the tick never waits on
   any of it: it reads `view()` and says what it wants with `want()`.
 """
@@ -99,10 +100,12 @@ class BatchActuator:
                 self._wake.set()
 
     def retry_soon(self) -> None:
-        """The server answers again (its metrics came back): ask now, not after the backoff."""
+        """The server answers again (its metrics came back) or restarted (its page says so):
+        ask now, not after the backoff or the slow poll, since a restarted server holds its
+        own limit again."""
         if self._view.control not in (BatchControl.OK, BatchControl.UNKNOWN):
             self._backoff_s = 0.0
-            self._wake.set()
+        self._wake.set()
 
     @property
     def wanted(self) -> int | None:
@@ -153,6 +156,8 @@ class BatchActuator:
             self._failed(err)
             return
         self._answered(state)
+        if self._write_needed() is not None:
+            self._wake.set()  # found at another limit than wanted: set it now, not next poll
 
     async def _write(self, target: int) -> None:
         found = self._view.limit

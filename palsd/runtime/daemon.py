@@ -45,6 +45,10 @@ from palsd.runtime.notify import Notifier
 from palsd.sense.gpu import GpuBackend
 from palsd.sense.scraper import GpuReader, ServerScraper
 
+# How often a server's batch limit is read while all is well. A restart is caught sooner, from
+# the scraped page; this bounds how long a limit set by hand goes unnoticed.
+BATCH_POLL_S = 3.0
+
 
 @dataclass
 class ServerLink:
@@ -93,6 +97,7 @@ class Daemon:
         self.decided_at: float | None = None
         self.last_tick_at: float | None = None
         self.status_extra: dict[str, Callable[[], Any]] = {}
+        self._restarts: dict[str, int] = {}  # each server's restarts as the last tick saw them
         self.set_period(period_s)
 
     # ---- lifetime: one TaskGroup ----
@@ -131,8 +136,9 @@ class Daemon:
         self.gpu_deadline_s = 0.6 * period_s  # leaves the rest of the period to decide and act
         for link in self.servers:
             link.scraper.period_s = period_s
-            # A limit changes rarely, and a restart is caught when the scrape comes back.
-            link.batch.poll_s = max(period_s, 1.0)
+            # A limit changes rarely: read on a slow poll, and at once when the server's page
+            # shows a restart or comes back after failing (see _sense_server).
+            link.batch.poll_s = max(period_s, BATCH_POLL_S)
 
     # ---- budgets: arrive at self.budgets (feed, API, reload); cuts are enforced here ----
 
@@ -227,8 +233,13 @@ class Daemon:
         self, link: ServerLink, previous: ServerObservation | None
     ) -> ServerObservation:
         reading, batch = link.scraper.latest(), link.batch.view()
-        if reading.signals is not None and previous is not None and previous.signals is None:
-            link.batch.retry_soon()  # the server answers again: so may its endpoint
+        restarts = link.scraper.source.restarts
+        came_back = (
+            reading.signals is not None and previous is not None and previous.signals is None
+        )
+        if came_back or restarts != self._restarts.get(link.name, restarts):
+            link.batch.retry_soon()  # answers again, or restarted: its limit may be its own
+        self._restarts[link.name] = restarts
         return ServerObservation(
             name=link.name,
             url=link.url,

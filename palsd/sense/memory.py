@@ -84,6 +84,7 @@ class FixedSignals:
         self.reason = reason
         self.delay_s = delay_s
         self.stale_reason: str | None = "not scraped yet"
+        self.restarts = 0  # a test sets it to play a restarted server
         self.polls = 0
 
     async def poll(self, now_s: float) -> ServerSignals | None:

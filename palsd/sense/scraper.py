@@ -26,6 +26,7 @@ class SignalSource(Protocol):
 
     url: str
     stale_reason: str | None
+    restarts: int  # restarts of the server seen on its page since palsd started
 
     async def poll(self, now_s: float) -> ServerSignals | None: ...
 
