@@ -30,8 +30,9 @@ from palsd.fleet.topics import alloc_topic, budget_topic, coordinator_topic, hos
 from palsd.report.logs import get_logger
 
 MAX_STATUS_BYTES = 1_000_000
-BATCH_S = 0.02
-SUBSCRIBE_BATCH = 100  # after a wake-up, gather what else arrives this long before a round
+BATCH_S = 0.02  # after a wake-up, gather what else arrives this long before a round
+SUBSCRIBE_BATCH = 100
+STATUS_EVERY_S = 2.0  # the coordinator's own retained status (O(members) to build and send)
 REJECT_REASONS = (
     "malformed_json",
     "too_large",
@@ -301,7 +302,7 @@ class CoordinatorService:
                 )
                 self.metrics.sent.inc(len(r.sends))
                 self.log.debug("allocations_sent", count=len(r.sends))
-            if now - last_status >= self.cfg.allocation.round_s:
+            if now - last_status >= STATUS_EVERY_S:
                 body = json.dumps(self.status(), separators=(",", ":"), default=str).encode()
                 await client.publish(self.own_status_topic, body, 1, True)
                 last_status = now
