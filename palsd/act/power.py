@@ -193,6 +193,12 @@ class PowerActuator:
         plan: list[tuple[int, float]] = []
         for index, watts in targets_w.items():
             gpu = self._gpus.get(index)
+            if gpu is None and fresh:
+                # A fresh read does not show it (removed, or the host renumbered): writing
+                # that index could hit no GPU or the wrong one. It stays recorded.
+                failed[index] = "no GPU with this index on the host now"
+                self._log.error("power_limit_restore_failed", gpu=index, error=failed[index])
+                continue
             if gpu is not None:
                 if fresh and abs(gpu.power_limit_w - watts) <= 0.5:
                     applied[index] = watts

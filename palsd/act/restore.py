@@ -19,18 +19,21 @@ async def put_back(
     actuator: PowerActuator,
     batch_ports: Mapping[str, Any],
     log: Any,
+    only: Originals | None = None,
 ) -> WriteResult:
-    """Restore every GPU limit and batch limit in `originals`, drop what went back from it,
-    and save what is left (or remove the record when nothing is). GPU limits go through the
+    """Restore every GPU limit and batch limit in `originals` (or only those also in `only`),
+    drop what went back from it, and save what is left (or remove the record when nothing
+    is): the record on disk always holds everything not yet back. GPU limits go through the
     actuator (the one choke point that clamps and counts every write). Never raises for one
     failed write: it is logged, kept in the record, and the rest still go back."""
-    targets = {i: float(e["limit_w"]) for i, e in originals.gpus.items()}
+    chosen = originals if only is None else only
+    targets = {i: float(e["limit_w"]) for i, e in originals.gpus.items() if i in chosen.gpus}
     result = await asyncio.to_thread(actuator.restore, targets)
     for index in result.applied:
         originals.gpus.pop(index, None)
     for name, entry in list(originals.servers.items()):
         port = batch_ports.get(name)
-        if port is None:
+        if port is None or name not in chosen.servers:
             continue
         try:
             await port.set(int(entry["batch_limit"]))

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from palsd import __version__
-from palsd.act.originals import OriginalsStore
+from palsd.act.originals import Originals, OriginalsStore
 from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
 from palsd.api.server import ApiServer
 from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, PalsdConfig, load_config
 from palsd.core.budget import BudgetBook
+from palsd.core.types import GpuObservation
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
 from palsd.report.metrics import Metrics
@@ -89,9 +90,19 @@ async def _start_metrics(cfg: PalsdConfig, metrics: Metrics, log: Any) -> web.Ap
 
 
 async def reconcile(
-    store: OriginalsStore, actuator: PowerActuator, ports: dict[str, Any], log: Any
+    store: OriginalsStore,
+    actuator: PowerActuator,
+    ports: dict[str, Any],
+    gpus: Sequence[GpuObservation],
+    log: Any,
 ) -> None:
-    """Put back what a previous run left behind (it crashed or was killed) before starting."""
+    """Take over what a previous run left behind (it crashed or was killed).
+
+    What this run controls too (the same GPU, by index and UUID; a configured server) is
+    adopted: the recorded originals stay the originals, the limits stay where the last run put
+    them, under its budget, and this run's first tick fits them to the budget now in force.
+    Putting them back first would lift every GPU to its original limit, above the budget,
+    until that tick. Whatever this run does not control is put back at once."""
     try:
         previous = store.load()
     except (ValueError, KeyError, TypeError) as err:
@@ -104,12 +115,26 @@ async def reconcile(
         return
     if previous is None or previous.empty():
         return
-    result = await put_back(previous, store, actuator, ports, log)
+    present = {g.index: g.uuid for g in gpus}
+    foreign = Originals()
+    for index, entry in previous.gpus.items():
+        if index not in present or entry.get("uuid", "") not in ("", present[index]):
+            foreign.gpus[index] = entry
+    for name, entry in previous.servers.items():
+        if name not in ports:
+            foreign.servers[name] = entry
+    restored: list[int] = []
+    failed: dict[int, str] = {}
+    if not foreign.empty():
+        result = await put_back(previous, store, actuator, ports, log, only=foreign)
+        restored, failed = sorted(result.applied), result.failed
+    actuator.adopt(previous)  # what is left: this run's originals, restored at its exit
     log.warning(
         "reconciled_previous_run",
-        restored_gpus=sorted(result.applied),
-        failed=result.failed,
-        left=previous.to_json(),
+        adopted_gpus=sorted(i for i in previous.gpus if i not in foreign.gpus),
+        adopted_servers=sorted(n for n in previous.servers if n not in foreign.servers),
+        restored_gpus=restored,
+        failed=failed,
     )
 
 
@@ -122,7 +147,7 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
     metrics.dry_run.set(1 if cfg.control.dry_run else 0)
     backend = make_backend(cfg)
     try:
-        await asyncio.to_thread(backend.read_all)
+        gpus = await asyncio.to_thread(backend.read_all)
     except GpuError as err:
         log.error("gpu_backend_unavailable", error=str(err))
         return 1
@@ -138,7 +163,7 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
     async with httpx.AsyncClient() as client:
         ports = make_batch_ports(cfg, client)
         if not cfg.control.dry_run:
-            await reconcile(store, actuator, ports, log)
+            await reconcile(store, actuator, ports, gpus, log)
 
         async def restore() -> None:
             if not actuator.dry_run:

@@ -73,7 +73,9 @@ def test_restore_after_sigkill_puts_every_original_limit_back(tmp_path):
         assert gpu_limits(sim) == gpus_before
 
 
-def test_restart_after_sigkill_reconciles_and_keeps_the_true_originals(tmp_path):
+def test_restart_after_sigkill_adopts_the_record_stays_under_budget_and_restores_at_exit(
+    tmp_path,
+):
     with sim_host(tmp_path, gpus=4, servers=2) as sim:
         gpus_before, batch_before = gpu_limits(sim), batch_limits(sim)
         budget_w = 0.6 * sum(gpus_before.values())
@@ -89,14 +91,17 @@ def test_restart_after_sigkill_reconciles_and_keeps_the_true_originals(tmp_path)
             assert d.stop(signal.SIGKILL) == -signal.SIGKILL
         assert gpu_limits(sim) != gpus_before and batch_limits(sim) != batch_before
 
-        # The next run starts from the lowered limits: it must put back the originals recorded
-        # by the killed run, not adopt the lowered values as "original".
+        # The next run starts from the lowered limits. It adopts the killed run's record: the
+        # recorded originals stay the originals (the lowered values are never taken for them)
+        # and the limits stay under the budget meanwhile, instead of going back up to the
+        # originals until its first tick.
         cfg2 = palsd_config(sim, second, budget={"default_w": budget_w}, state=state, control=joint)
         with palsd(second, cfg2) as d2:
             events = d2.events("reconciled_previous_run")
             assert events, d2.log_path.read_text()[-2000:]
-            assert events[0]["restored_gpus"] == sorted(gpus_before)
-            wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 10, "limits lowered")
+            assert events[0]["adopted_gpus"] == sorted(gpus_before)
+            assert events[0]["restored_gpus"] == []
+            assert sum(gpu_limits(sim).values()) <= budget_w + 1e-6
             assert d2.stop(signal.SIGTERM) == 0
         assert gpu_limits(sim) == gpus_before
         assert batch_limits(sim) == batch_before
