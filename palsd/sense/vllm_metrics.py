@@ -278,9 +278,18 @@ def _labels(raw: str, line: str) -> dict[str, str]:
     return labels
 
 
+# Label strings parsed before, kept across pages: a server writes the same label strings on
+# every page (only the values move), so after its first scrape no label is parsed again.
+# Bounded: cleared when full (a server whose labels never repeat costs one parse each).
+_LABELS_SEEN: dict[str, Mapping[str, str]] = {}
+_LABELS_SEEN_MAX = 8192
+
+
 def _samples(text: str) -> Iterable[tuple[str, Mapping[str, str], float]]:
     """(name, labels, value) of each sample line of a wanted family, in page order."""
-    seen: dict[str, dict[str, str]] = {}  # the same label set recurs across families
+    seen = _LABELS_SEEN
+    if len(seen) > _LABELS_SEEN_MAX:
+        seen.clear()
     for m in _SAMPLE.finditer("\n" + text):
         name, raw, value_text = m.groups()
         try:
