@@ -297,4 +297,6 @@ def _derive(scrapes: Sequence[Scrape], steps: Sequence[Steps]) -> WindowReport:
         EngineSignals(model_name=w.key[0], engine=w.key[1], signals=_signals([w], span_s))
         for w in windows
     )
-    return WindowReport(server=_signals(windows, span_s), engines=engines)
+    # One engine (most servers): the server's signals are that engine's, the same computation.
+    server = engines[0].signals if len(engines) == 1 else _signals(windows, span_s)
+    return WindowReport(server=server, engines=engines)
