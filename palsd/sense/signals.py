@@ -29,6 +29,11 @@ QUANTILES = (0.5, 0.9, 0.99)
 # Cumulative buckets (upper bound, count) as in Histogram.buckets, but holding increases.
 Buckets = tuple[tuple[float, float], ...]
 
+# A histogram step: (bounds, count increases, exact). `exact`: the same bounds on both pages,
+# no count went back, and every count is a whole number below 2**53, so any run of exact steps
+# sums to (newest - oldest) with no rounding at all.
+HistStep = tuple[tuple[float, ...], tuple[float, ...], bool]
+
 
 @dataclass(frozen=True)
 class Scrape:
@@ -60,9 +65,9 @@ class _Step:
     generation_tokens: float | None
     preemptions: float | None
     requests_finished: float | None
-    ttft: tuple[tuple[float, ...], tuple[float, ...]] | None  # (bounds, count increases)
-    itl: tuple[tuple[float, ...], tuple[float, ...]] | None
-    e2e: tuple[tuple[float, ...], tuple[float, ...]] | None
+    ttft: HistStep | None
+    itl: HistStep | None
+    e2e: HistStep | None
 
 
 # Steps between two consecutive scrapes, for each engine both pages hold.
@@ -152,37 +157,41 @@ def _increase(steps: Iterable[float | None]) -> float:
     return total
 
 
-def _hist_step(
-    a: Histogram | None, b: Histogram | None
-) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """Bucket increases from a to b as (bounds, counts); all of b when the histogram restarted
-    or changed bounds."""
+def _hist_step(a: Histogram | None, b: Histogram | None) -> HistStep | None:
+    """Bucket increases from a to b; all of b when the histogram restarted or changed bounds."""
     if a is None or b is None:
         return None
-    bounds = b.bounds
-    new = tuple(cum for _, cum in b.buckets)
+    bounds, new = b.bounds, b.counts
     if a.bounds != bounds:
-        return bounds, new
-    old = tuple(cum for _, cum in a.buckets)
+        return bounds, new, False
+    old = a.counts
     if any(map(lt, new, old)):
-        return bounds, new
-    return bounds, tuple(map(sub, new, old))
+        return bounds, new, False
+    return bounds, tuple(map(sub, new, old)), a.whole and b.whole
 
 
-def _hist_increase(
-    steps: Iterable[tuple[tuple[float, ...], tuple[float, ...]] | None],
-) -> Buckets | None:
+def _hist_increase(steps: Iterable[HistStep | None]) -> Buckets | None:
     acc: tuple[float, ...] | None = None
     acc_bounds: tuple[float, ...] = ()
     for step in steps:
         if step is None:
             continue
-        bounds, counts = step
+        bounds, counts, _ = step
         if acc is None or acc_bounds != bounds:
             acc, acc_bounds = counts, bounds  # bounds changed: only the newer can be summed
         else:
             acc = tuple(map(add, acc, counts))
     return None if acc is None else tuple(zip(acc_bounds, acc, strict=True))
+
+
+def _hist_window(
+    steps: Sequence[HistStep | None], oldest: Histogram | None, newest: Histogram | None
+) -> Buckets | None:
+    """_hist_increase of `steps`, the steps between every two consecutive scrapes from `oldest`
+    to `newest`: when all are exact, newest minus oldest (the same numbers, without the fold)."""
+    if oldest is not None and newest is not None and steps and all(s and s[2] for s in steps):
+        return tuple(zip(newest.bounds, map(sub, newest.counts, oldest.counts), strict=True))
+    return _hist_increase(steps)
 
 
 def _steps_between(a: Scrape, b: Scrape) -> dict[EngineKey, _Step]:
@@ -238,7 +247,14 @@ def _engine_window(
 ) -> _EngineWindow:
     latest = scrapes[-1].engines[key]
     mine = [s[key] for s in steps if key in s]
-    e2e = _hist_increase(m.e2e for m in mine)
+    # In every scrape of the window: the oldest and newest pages bound every step.
+    oldest = scrapes[0].engines.get(key) if len(mine) == len(steps) else None
+
+    def hist(name: str) -> Buckets | None:
+        ends = (None, None) if oldest is None else (getattr(oldest, name), getattr(latest, name))
+        return _hist_window([getattr(m, name) for m in mine], *ends)
+
+    e2e = hist("e2e")
     requests_seen = any(
         (e := s.engines.get(key)) is not None and e.requests_finished is not None for s in scrapes
     )
@@ -256,8 +272,8 @@ def _engine_window(
         generation_tokens=_increase(m.generation_tokens for m in mine),
         preemptions=_increase(m.preemptions for m in mine),
         requests=requests,
-        ttft=_hist_increase(m.ttft for m in mine),
-        itl=_hist_increase(m.itl for m in mine),
+        ttft=hist("ttft"),
+        itl=hist("itl"),
         e2e=e2e,
     )
 

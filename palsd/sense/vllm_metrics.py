@@ -133,6 +133,15 @@ class Histogram:
     def bounds(self) -> tuple[float, ...]:
         return tuple(le for le, _ in self.buckets)
 
+    @cached_property
+    def counts(self) -> tuple[float, ...]:
+        return tuple(cum for _, cum in self.buckets)
+
+    @cached_property
+    def whole(self) -> bool:
+        """Every count a whole number that a float holds exactly (sums of them never round)."""
+        return all(float(c).is_integer() and abs(c) < 2**53 for c in self.counts)
+
 
 @dataclass(frozen=True)
 class EngineSample:
