@@ -59,17 +59,33 @@ def order_writes(
     current_w: Mapping[int, float],
     target_w: Mapping[int, float],
     tolerance_w: float = 0.5,
+    budget_w: float | None = None,
 ) -> list[tuple[int, float]]:
     """The writes that take `current_w` to `target_w`: every lowering first, then raises.
-    A raise within `tolerance_w` is not written (idempotent setters); a lowering always is,
-    however small, since skipping it could leave the sum above a budget."""
+
+    A change within `tolerance_w` is not written (idempotent setters, and no NVML write every
+    tick for a fraction of a watt): a small raise never, a small lowering only when the sum
+    of the limits left after every write still fits `budget_w` (with no budget given, every
+    lowering is written, however small: skipping one could leave the sum above a budget)."""
     lowers: list[tuple[int, float]] = []
     raises: list[tuple[int, float]] = []
+    small_lowers: list[tuple[int, float]] = []
     for index, target in sorted(target_w.items()):
         now = current_w.get(index)
         if now is not None and now <= target <= now + tolerance_w:
             continue
-        (lowers if now is None or target < now else raises).append((index, target))
+        if now is not None and now - tolerance_w <= target < now:
+            small_lowers.append((index, target))
+        elif now is None or target < now:
+            lowers.append((index, target))
+        else:
+            raises.append((index, target))
+    if small_lowers:
+        after_w = {**current_w, **dict(target_w)}
+        for index, _ in small_lowers:
+            after_w[index] = current_w[index]
+        if budget_w is None or sum(after_w.values()) > budget_w:
+            lowers = sorted(lowers + small_lowers)
     return lowers + raises
 
 

@@ -281,7 +281,7 @@ class Daemon:
         limits_w = fit_to_budget(targets_w, self.gpus, budget.effective_w).limits_w
         if seq != self.budgets.seq:
             limits_w = {i: min(w, current.get(i, w)) for i, w in limits_w.items()}
-        writes = order_writes(current, limits_w)
+        writes = order_writes(current, limits_w, budget_w=budget.effective_w)
         if not writes:
             return
         result = await asyncio.to_thread(

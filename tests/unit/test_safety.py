@@ -49,6 +49,37 @@ def test_lower_before_raise_keeps_every_prefix_within_budget(gpus, wants, budget
         assert sum(current.values()) <= budget + 1e-6
 
 
+@given(
+    fleets(),
+    st.lists(limits, min_size=8, max_size=8),
+    st.lists(st.floats(-0.6, 0.6), min_size=8, max_size=8),
+    st.floats(0, 8000),
+)
+def test_skipping_small_lowerings_never_leaves_the_sum_above_the_budget(
+    gpus, wants, jitter_w, budget
+):
+    start = fit_to_budget({g.index: g.power_limit_w for g in gpus}, gpus, budget)
+    if start.infeasible:
+        return
+    # Targets near the current limits (the controller's fraction-of-a-watt moves) or far.
+    near = {g.index: start.limits_w[g.index] + jitter_w[g.index] for g in gpus}
+    far = {g.index: wants[g.index] for g in gpus}
+    for wanted in (near, far):
+        end = fit_to_budget(wanted, gpus, budget)
+        current = dict(start.limits_w)
+        for index, watts in order_writes(current, end.limits_w, budget_w=budget):
+            current[index] = watts
+            assert sum(current.values()) <= budget + 1e-6
+        assert all(abs(current[i] - end.limits_w[i]) <= 0.5 + 1e-9 for i in current)
+
+
+def test_a_small_lowering_is_skipped_only_while_the_budget_holds():
+    assert order_writes({0: 433.3, 1: 300.0}, {0: 433.002, 1: 300.0}, budget_w=800) == []
+    assert order_writes({0: 433.3, 1: 300.0}, {0: 433.002, 1: 300.0}, budget_w=733.1) == [
+        (0, 433.002)
+    ]
+
+
 def test_order_writes_lowers_first_and_skips_unchanged():
     writes = order_writes({0: 700, 1: 300, 2: 500}, {0: 400, 1: 600, 2: 500.2})
     assert writes == [(0, 400), (1, 600)]
