@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,4 +121,7 @@ def test_with_every_gpu_at_or_under_its_limit_and_room_every_raise_is_granted(
     budget_w = sum(max(targets.get(x.index, x.power_limit_w), x.power_limit_w) for x in quiet)
     out = raise_into_free_power(targets, quiet, budget_w)
     for x in quiet:
-        assert out[x.index] == pytest.approx(targets.get(x.index, x.power_limit_w), abs=1e-3)
+        # Granted raises are floored to a milliwatt (NVML's unit): up to 1 mW under the
+        # target, plus the float error of that floor (200.599 for 200.60000000000002).
+        want = targets.get(x.index, x.power_limit_w)
+        assert want - 1e-3 - 1e-9 <= out[x.index] <= want + 1e-9
