@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from palsd.core.types import (
     ServerSignals,
 )
 from palsd.sense.signals import DEFAULT_WINDOW_S, Scrape, derive
-from palsd.sim.policies import is_blind, make_policy
+from palsd.sim.policies import fixed_name, is_blind, make_policy
 from palsd.sim.scenarios import (
     MODELS,
     N_GPUS,
@@ -75,6 +76,10 @@ class RunResult:
     virtual_s: float = 0.0
     wall_s: float = 0.0
     aborted: bool = False  # a sweep candidate stopped once it could no longer be feasible
+    stopped: bool = False  # stopped from outside: its result is not wanted (not reported)
+    # what first made the run infeasible, "slo" (more violating windows than 0.99 allows) or
+    # "budget" (a second above it), whether or not the run went on; None while neither has
+    infeasible_by: str | None = None
     low_phase_ticks: int = 0
     low_phase_bound_ticks: int = 0
     batch_reversals: int = 0
@@ -218,10 +223,13 @@ def run_policy(
     abort_when_infeasible: bool = False,
     scenario: Scenario | None = None,
     timeline_every_s: float = TIMELINE_EVERY_S,
+    stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     """One policy through one scenario. With abort_when_infeasible (the best_fixed sweep) the
     run stops as soon as it has gone above the budget or missed more SLO windows than an
-    attainment of 0.99 allows: it can no longer be the winner, whatever the rest would show."""
+    attainment of 0.99 allows: it can no longer be the winner, whatever the rest would show.
+    `stop`, asked once per SLO window, ends the run early with `stopped` set when its result
+    is no longer wanted (a sweep run started speculatively below a cap that then missed)."""
     setup = MODELS[model]
     scenario = scenario or build_scenario(scenario_name, seed)
     duration_s = hours * 3600.0
@@ -320,6 +328,9 @@ def run_policy(
             res.slo_windows += 1
             if not all(_window_met(host, setup, n) for n in names):
                 res.slo_violation_windows += 1
+            if stop is not None and stop():
+                res.stopped = res.aborted = True
+                break
         if (k + 1) % ticks_per_timeline == 0:
             _record(
                 tl,
@@ -332,17 +343,53 @@ def run_policy(
                 limits_w,
                 timeline_every_s,
             )
-        if abort_when_infeasible and (
+        if res.infeasible_by is None and (
             res.seconds_above_budget > 0 or res.slo_violation_windows > allowed_violations
         ):
-            res.aborted = True
-            break
+            res.infeasible_by = "slo" if res.seconds_above_budget == 0 else "budget"
+            if abort_when_infeasible:
+                res.aborted = True
+                break
     res.wall_s = time.perf_counter() - started
     res.virtual_s = (k + 1) * SUB_STEP_S
     res.tokens = sum(host.tokens_generated_total(n) for n in names) - tokens0
     res.energy_j = host.energy_j_total() - energy0
     res.timeline = tl
     return res
+
+
+def fixed_pair_of(
+    policy: str, scenario: Scenario, seed: int, model: str, gpu: str, duration_s: float
+) -> tuple[float, int] | None:
+    """The (cap W, batch limit) pair whose fixed policy decides exactly what `policy` decides
+    under every budget of this run, or None (a feedback policy, or one whose decision moves
+    with the budget). Such a policy's run is that pair's run: the same writes at the same
+    ticks on the same arrivals (both are blind: they decide at the start and at each budget
+    change), so the sweep takes it instead of running the pair again."""
+    ctrl = make_policy(policy)
+    if not is_blind(ctrl):
+        return None
+    setup = MODELS[model]
+    host = build_host(setup, scenario, seed, gpu, duration_s)
+    sensor = _Sensor(host, setup, seed, True)
+    decided = []
+    for t_s in [0.0, *(s * duration_s for s, _ in scenario.budget.steps)]:
+        watts = scenario.budget_w(gpu, t_s, duration_s)
+        budget = BudgetInForce(watts, BudgetSource.FACILITY if watts else BudgetSource.NONE)
+        obs = sensor.observe(budget, t_s, None)
+        decided.append((obs, ctrl.decide(obs)))
+    first = decided[0][1]
+    caps = set(first.power_limits_w.values())
+    batches = set(first.batch_limits.values())
+    if len(caps) != 1 or len(batches) != 1:
+        return None
+    pair = (float(caps.pop()), int(batches.pop()))
+    fixed = make_policy(fixed_name(*pair))
+    for obs, d in decided:
+        f = fixed.decide(obs)
+        if (f.power_limits_w, f.batch_limits) != (d.power_limits_w, d.batch_limits):
+            return None
+    return pair
 
 
 def _record(
