@@ -106,7 +106,7 @@ def make_server_links(
                 gpu_indices=tuple(s.gpus),
                 slo=slo_of(s),
                 scraper=ServerScraper(
-                    VllmScraper(s.url, client, cfg.scrape.window_s, cfg.scrape.timeout_s),
+                    VllmScraper(s.url, cfg.scrape.window_s, cfg.scrape.timeout_s),
                     period_s,
                     on_failure=failures.inc,
                 ),

@@ -10,8 +10,6 @@ import sys
 import time
 from typing import Any
 
-import httpx
-
 from palsd.core.types import Quantiles, ServerSignals
 from palsd.sense.signals import WindowReport
 from palsd.sense.vllm import VllmScraper
@@ -42,16 +40,17 @@ def _duration(text: str) -> float:
 
 async def probe(url: str, interval_s: float, timeout_s: float) -> tuple[WindowReport | None, str]:
     """Two scrapes `interval_s` apart; (report, "") or (None, why it failed)."""
-    async with httpx.AsyncClient() as client:
-        # The window holds both scrapes whatever the interval.
-        scraper = VllmScraper(url, client, window_s=interval_s * 2 + 1.0, timeout_s=timeout_s)
-        t0 = time.monotonic()
-        if await scraper.poll(t0) is None:
+    # The window holds both scrapes whatever the interval.
+    scraper = VllmScraper(url, window_s=interval_s * 2 + 1.0, timeout_s=timeout_s)
+    try:
+        if await scraper.poll(time.monotonic()) is None:
             return None, scraper.stale_reason or "scrape failed"
         await asyncio.sleep(interval_s)
         if await scraper.poll(time.monotonic()) is None:
             return None, scraper.stale_reason or "scrape failed"
         return scraper.last_report, ""
+    finally:
+        scraper.close()
 
 
 def _quantiles(q: Quantiles) -> dict[str, float | None]:

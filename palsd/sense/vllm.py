@@ -8,8 +8,6 @@ path, and httpx's per-request cost was most of the daemon's CPU.
 
 from __future__ import annotations
 
-import httpx
-
 from palsd.core.types import ServerSignals
 from palsd.errors import BadInput
 from palsd.sense.http_get import HttpGetError, HttpGetTimeout, PageGetter
@@ -31,15 +29,11 @@ class VllmScraper:
     `reconnects` counts scrapes sent twice because the server dropped an idle connection.
     `restarts` counts restarts of the server seen on its page (a new process start time, or
     a counter that went back): whoever acts on the server (its batch limit) reads it.
-
-    `client` is not used for the scrape any more (the scraper keeps its own connection); it is
-    still accepted so that callers written for the httpx scraper keep working.
     """
 
     def __init__(
         self,
         url: str,
-        client: httpx.AsyncClient | None = None,
         window_s: float = DEFAULT_WINDOW_S,
         timeout_s: float = 1.0,
     ) -> None:

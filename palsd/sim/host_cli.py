@@ -14,15 +14,14 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from palsd.atomicfile import write_atomic
 from palsd.sim.engine import NOMINAL_RATE_PER_S, TwinHost
 from palsd.sim.gpu_model import GPU_PRESETS
 from palsd.sim.models import MODEL_PRESETS
@@ -242,14 +241,6 @@ def server_list(host: TwinHost, base_url: str) -> list[dict[str, Any]]:
     ]
 
 
-def _write_atomically(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 async def _drive(host: TwinHost, speed: float, stop: asyncio.Event) -> None:
     last = time.monotonic()
     while not stop.is_set():
@@ -276,14 +267,13 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.ready_file is not None:
-        _write_atomically(
-            args.ready_file,
-            {
-                "url": base_url[0],
-                "gpus": len(host.gpu_readings()),
-                "servers": server_list(host, base_url[0]),
-            },
-        )
+        ready = {
+            "url": base_url[0],
+            "gpus": len(host.gpu_readings()),
+            "servers": server_list(host, base_url[0]),
+        }
+        args.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.ready_file, json.dumps(ready).encode())
     print(
         f"palsd sim-host: {len(host.gpu_readings())} x {host.gpu_spec.name}, "
         f"{len(host.servers)} x {host.model_spec.name} (TP={host.tp}) at {base_url[0]}",

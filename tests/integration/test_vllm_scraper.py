@@ -52,7 +52,7 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_scraper_turns_two_pages_into_rates(client: httpx.AsyncClient) -> None:
+async def test_scraper_turns_two_pages_into_rates() -> None:
     pages = [v1_page(gen=1000.0), v1_page(gen=1500.0)]
 
     async def metrics(_: web.Request) -> web.Response:
@@ -60,7 +60,7 @@ async def test_scraper_turns_two_pages_into_rates(client: httpx.AsyncClient) -> 
 
     runner, url = await serve([("GET", "/metrics", metrics)])
     try:
-        scraper = VllmScraper(url, client, window_s=10.0, timeout_s=2.0)
+        scraper = VllmScraper(url, window_s=10.0, timeout_s=2.0)
         first = await scraper.poll(100.0)
         second = await scraper.poll(102.0)
     finally:
@@ -71,7 +71,7 @@ async def test_scraper_turns_two_pages_into_rates(client: httpx.AsyncClient) -> 
     assert scraper.last_report is not None and len(scraper.last_report.engines) == 1
 
 
-async def test_scraper_marks_stale_and_recovers(client: httpx.AsyncClient) -> None:
+async def test_scraper_marks_stale_and_recovers() -> None:
     answers = [web.Response(status=500, text="boom"), web.Response(text=v1_page())]
 
     async def metrics(_: web.Request) -> web.Response:
@@ -79,7 +79,7 @@ async def test_scraper_marks_stale_and_recovers(client: httpx.AsyncClient) -> No
 
     runner, url = await serve([("GET", "/metrics", metrics)])
     try:
-        scraper = VllmScraper(url + "/metrics", client, timeout_s=2.0)
+        scraper = VllmScraper(url + "/metrics", timeout_s=2.0)
         assert await scraper.poll(0.0) is None
         assert scraper.stale_reason is not None and "HTTP 500" in scraper.stale_reason
         assert (scraper.failures, scraper.consecutive_failures) == (1, 1)
@@ -89,20 +89,20 @@ async def test_scraper_marks_stale_and_recovers(client: httpx.AsyncClient) -> No
     assert (scraper.failures, scraper.consecutive_failures, scraper.stale_reason) == (1, 0, None)
 
 
-async def test_scraper_rejects_a_page_that_is_not_vllm(client: httpx.AsyncClient) -> None:
+async def test_scraper_rejects_a_page_that_is_not_vllm() -> None:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text="# TYPE up gauge\nup 1\n")
 
     runner, url = await serve([("GET", "/metrics", metrics)])
     try:
-        scraper = VllmScraper(url, client)
+        scraper = VllmScraper(url)
         assert await scraper.poll(0.0) is None
     finally:
         await runner.cleanup()
     assert scraper.stale_reason is not None and "no vllm" in scraper.stale_reason
 
 
-async def test_scraper_times_out_instead_of_hanging(client: httpx.AsyncClient) -> None:
+async def test_scraper_times_out_instead_of_hanging() -> None:
     release = asyncio.Event()
 
     async def metrics(_: web.Request) -> web.Response:
@@ -111,7 +111,7 @@ async def test_scraper_times_out_instead_of_hanging(client: httpx.AsyncClient) -
 
     runner, url = await serve([("GET", "/metrics", metrics)])
     try:
-        scraper = VllmScraper(url, client, timeout_s=0.2)
+        scraper = VllmScraper(url, timeout_s=0.2)
         assert await scraper.poll(0.0) is None
     finally:
         release.set()
@@ -119,17 +119,15 @@ async def test_scraper_times_out_instead_of_hanging(client: httpx.AsyncClient) -
     assert scraper.stale_reason is not None and "timeout" in scraper.stale_reason
 
 
-async def test_scraper_of_an_unreachable_server_is_stale(client: httpx.AsyncClient) -> None:
-    scraper = VllmScraper(f"http://127.0.0.1:{_closed_port()}", client, timeout_s=1.0)
+async def test_scraper_of_an_unreachable_server_is_stale() -> None:
+    scraper = VllmScraper(f"http://127.0.0.1:{_closed_port()}", timeout_s=1.0)
     assert await scraper.poll(0.0) is None
     assert await scraper.poll(1.0) is None
     assert scraper.stale_reason is not None and "cannot reach" in scraper.stale_reason
     assert scraper.failures == 2
 
 
-async def test_scraper_resends_once_when_the_server_dropped_a_kept_alive_connection(
-    client: httpx.AsyncClient,
-) -> None:
+async def test_scraper_resends_once_when_the_server_dropped_a_kept_alive_connection() -> None:
     """What uvicorn does to a connection idle for its keep-alive timeout, made deterministic:
     each connection answers its first request (keep-alive) and closes on the second without a
     word. The scrape is repeated on a fresh connection instead of going stale."""
@@ -150,7 +148,7 @@ async def test_scraper_resends_once_when_the_server_dropped_a_kept_alive_connect
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        scraper = VllmScraper(f"http://127.0.0.1:{port}", client, timeout_s=5.0)
+        scraper = VllmScraper(f"http://127.0.0.1:{port}", timeout_s=5.0)
         assert await scraper.poll(0.0) is not None
         second = await scraper.poll(1.0)
     finally:
