@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from palsd.api.auth import peer_of, token_ok, uid_may_change
 from palsd.core.budget import BudgetEntry
+from palsd.report.logs import LogLimiter
 from palsd.runtime.control import DaemonControl
 from palsd.runtime.instance_lock import StartRefused
 
@@ -116,18 +117,12 @@ class _Throttle:
     def __init__(self, log: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self._log = log
         self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._limiter = LogLimiter(burst=1, window_s=LOG_EVERY_S)
 
     def warning(self, event: str, reason: str, **fields: Any) -> None:
-        now = self._clock()
-        last = self._last.get(reason)
-        if last is not None and now - last < LOG_EVERY_S:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        suppressed = self._suppressed.pop(reason, 0)
-        self._log.warning(event, reason=reason, suppressed_since_last=suppressed, **fields)
+        suppressed = self._limiter.allow(reason, self._clock())
+        if suppressed is not None:
+            self._log.warning(event, reason=reason, suppressed_since_last=suppressed, **fields)
 
 
 class _Guard:

@@ -49,7 +49,7 @@ from palsd.feed.payload import (
 from palsd.feed.topics import FeedTopics, Kind, Route
 from palsd.fleet.host_status import with_fleet
 from palsd.fleet.topics import feed_groups, fleet_roles
-from palsd.report.logs import get_logger
+from palsd.report.logs import LogLimiter, get_logger
 
 # Messages handled per loop iteration at most: 0.1-0.25 ms each (signed), so at most ~15 ms;
 # then the loop (the control tick, a budget enforcement) runs before the next batch.
@@ -213,7 +213,7 @@ class MqttFeed:
         self._dropped = 0
         self._queue_len: Callable[[], int] = lambda: 0
         self.metrics.queued.set_function(lambda: self._queue_len())
-        self._reject_log = _LogLimiter()
+        self._reject_log = LogLimiter(burst=20, window_s=10.0)
 
     # ---- what the daemon reads ----
 
@@ -573,25 +573,6 @@ class MqttFeed:
             suppressed_since_last=suppressed,
             action="ignored; nothing changed",
         )
-
-
-class _LogLimiter:
-    """At most `burst` log lines per reason per `window_s`; says how many were left out."""
-
-    def __init__(self, burst: int = 20, window_s: float = 10.0) -> None:
-        self.burst, self.window_s = burst, window_s
-        self._windows: dict[str, tuple[float, int, int]] = {}  # start, logged, suppressed
-
-    def allow(self, key: str, now_s: float) -> int | None:
-        """None: leave this one out. Otherwise log it, with this many left out before it."""
-        start, logged, suppressed = self._windows.get(key, (now_s, 0, 0))
-        if now_s - start >= self.window_s:
-            start, logged = now_s, 0
-        if logged >= self.burst:
-            self._windows[key] = (start, logged, suppressed + 1)
-            return None
-        self._windows[key] = (start, logged + 1, 0)
-        return suppressed
 
 
 async def _first_failure(*tasks: asyncio.Task[None]) -> None:

@@ -35,3 +35,24 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
 
 def get_logger(name: str = "palsd") -> Any:
     return structlog.get_logger(name)
+
+
+class LogLimiter:
+    """At most `burst` log lines per key (a rejection reason) per `window_s`, and how many
+    were left out: whoever logs on a client's or a publisher's fault uses one, so a hostile
+    flood is counted in metrics but cannot flood the journal."""
+
+    def __init__(self, burst: int, window_s: float) -> None:
+        self.burst, self.window_s = burst, window_s
+        self._windows: dict[str, tuple[float, int, int]] = {}  # start, logged, suppressed
+
+    def allow(self, key: str, now_s: float) -> int | None:
+        """None: leave this one out. Otherwise log it, with this many left out before it."""
+        start, logged, suppressed = self._windows.get(key, (now_s, 0, 0))
+        if now_s - start >= self.window_s:
+            start, logged = now_s, 0
+        if logged >= self.burst:
+            self._windows[key] = (start, logged, suppressed + 1)
+            return None
+        self._windows[key] = (start, logged + 1, 0)
+        return suppressed

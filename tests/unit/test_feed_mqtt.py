@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from palsd.config import MqttConfig
 from palsd.core.budget import BudgetEntry
-from palsd.feed.mqtt import FEED_REASONS, KINDS, MqttFeed, _Inbox, _LogLimiter, _write_book
+from palsd.feed.mqtt import FEED_REASONS, KINDS, MqttFeed, _Inbox, _write_book
 from palsd.feed.payload import BudgetMessage, Rules, SeqBook, decode_budget, encode
+from palsd.report.logs import LogLimiter
 
 NOW = 1_800_000_000.0
 HOST = "t/palsd/h1/budget"
@@ -155,7 +156,7 @@ async def test_the_client_queue_counts_what_it_cannot_hold() -> None:
 
 
 def test_rejection_log_is_rate_limited_per_reason_and_says_how_many_it_left_out() -> None:
-    limiter = _LogLimiter(burst=2, window_s=10)
+    limiter = LogLimiter(burst=2, window_s=10)
     assert [limiter.allow("bad_signature", 0.0) for _ in range(5)] == [0, 0, None, None, None]
     assert limiter.allow("expired", 1.0) == 0  # another reason has its own allowance
     assert limiter.allow("bad_signature", 10.0) == 3  # a new window: the count of the gap
