@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from palsd.config import ConfigError
 from palsd.fleet.config import (
@@ -23,6 +22,7 @@ from palsd.fleet.config import (
 )
 from palsd.fleet.service import CoordinatorService
 from palsd.report.logs import configure_logging, get_logger
+from palsd.report.metrics_http import serve_metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,23 +58,12 @@ async def serve(cfg: CoordinatorConfig) -> int:
     runner: web.AppRunner | None = None
     if cfg.metrics.enabled:
 
-        async def metrics(_: web.Request) -> web.Response:
-            body = generate_latest(service.registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
         async def status(_: web.Request) -> web.Response:
             return web.json_response(service.status())
 
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/status", status)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.metrics.host, cfg.metrics.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else cfg.metrics.port
-        log.info("metrics_listening", host=cfg.metrics.host, port=port)
+        runner = await serve_metrics(
+            service.registry, cfg.metrics.host, cfg.metrics.port, log, {"/status": status}
+        )
     log.info(
         "coordinator_started",
         coordinator=cfg.coordinator_id,

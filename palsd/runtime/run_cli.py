@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from palsd import __version__
 from palsd.act.originals import Originals, OriginalsStore
@@ -29,6 +27,7 @@ from palsd.core.types import GpuObservation
 from palsd.errors import GpuError
 from palsd.report.logs import configure_logging, get_logger
 from palsd.report.metrics import Metrics
+from palsd.report.metrics_http import serve_metrics
 from palsd.runtime.daemon import Daemon
 from palsd.runtime.instance_lock import claim
 from palsd.runtime.notify import Notifier
@@ -67,26 +66,6 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         lock.release()
-
-
-async def _start_metrics(cfg: PalsdConfig, metrics: Metrics, log: Any) -> web.AppRunner | None:
-    if not cfg.metrics.enabled:
-        return None
-
-    async def handler(_: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.metrics.host, cfg.metrics.port)
-    await site.start()
-    sockets = getattr(site._server, "sockets", None) or []
-    port = sockets[0].getsockname()[1] if sockets else cfg.metrics.port
-    log.info("metrics_listening", host=cfg.metrics.host, port=port)
-    return runner
 
 
 async def reconcile(
@@ -199,7 +178,11 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
         if api.tcp_port is not None:
             log.info("api_tcp_listening", host=cfg.api.tcp.host, port=api.tcp_port)
         try:
-            exporter = await _start_metrics(cfg, metrics, log)
+            exporter = (
+                await serve_metrics(metrics.registry, cfg.metrics.host, cfg.metrics.port, log)
+                if cfg.metrics.enabled
+                else None
+            )
         except BaseException:
             await api.stop()
             raise
