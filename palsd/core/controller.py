@@ -71,6 +71,15 @@ class JointParams:
     ff_gain: float = 1.0
     ff_waiting: float = 8.0
     ff_min_requests: float = 8.0  # ... and at least this many more requests in flight
+    # ... or the prefill intensity (prompt tokens per generated token, which the request mix
+    # sets and the load level does not) this much above where the cap was last set: a
+    # long-prompt phase lowers the concurrency but its prefills stall the decode steps, so
+    # ITL breaks within a few seconds at a cap set for chat.
+    ff_prefill_jump: float = 0.4
+    ff_prefill_ref_weight: float = 0.05  # the reference's EWMA weight per tick (~10 s)
+    # A prefill step raises more than a load step of the same size (ITL jumps, see above).
+    ff_prefill_gain: float = 2.0
+    ff_prefill_noise: float = 4.0
     batch_step_frac: float = 0.25
     batch_settle_s: float = 3.0
     batch_memory_s: float = 300.0  # a batch limit that had to shrink is a ceiling this long
@@ -87,7 +96,16 @@ class JointParams:
     # start and after each budget change it is at least cold_guard_frac.
     excursion_gain: float = 2.0
     excursion_memory_s: float = 600.0
+    # A 1 s average lags a lowered limit: for this long after a GPU's limit came down its
+    # excursion is measured against the highest limit it had in that time (the 1 s averaging
+    # window plus the cap loop's settling), so a lowering is not mistaken for an overshoot.
+    limit_lag_s: float = 1.5
     cold_guard_frac: float = 0.05
+    # ... and at least this many watts per GPU: the first prefill burst at a newly lowered
+    # limit lands while the clock is still where the old limit (or idle) left it, and the 1 s
+    # average overshoots the limit by ~30 W per H100 before the cap loop has pulled it down,
+    # whatever the budget (a share of a low budget is too thin for it).
+    cold_guard_w_per_gpu: float = 40.0
     cold_s: float = 20.0
     model: ModelParams = field(default_factory=ModelParams)
 
@@ -98,13 +116,17 @@ class _ServerState:
     cap_w: float | None = None  # per-GPU target before the budget split
     batch_limit: int | None = None
     cap_changed_s: float = -math.inf
+    cap_raised_s: float = -math.inf  # last raise for the SLO or by feed-forward
     batch_changed_s: float = -math.inf
     starved: bool = False  # wanted more watts than the budget split gave it last tick
+    starved_since_s: float | None = None  # ... continuously since then
     first_seen_s: float = -math.inf
     probed_up: bool = False  # the last change probed a higher cap: measure it before lowering
     step_w: float = 0.0  # the efficiency search's current step (0: not started)
     step_dir: int = 0  # direction of the search's last move
     ref_load: float | None = None  # concurrency when the cap was last set (feed-forward)
+    prefill: float | None = None  # smoothed prompt tokens per generated token
+    ref_prefill: float | None = None  # its slow average, reset when the cap is set
     load: float | None = None  # smoothed concurrency (running + waiting)
     batch_ceiling: int | None = None  # a limit that had to shrink: growth stays below it ...
     ceiling_until_s: float = -math.inf  # ... until then
@@ -136,6 +158,14 @@ def weighted_fill(
     return alloc
 
 
+def _prefill_intensity(prompt_tokens_per_s: float, generation_tokens_per_s: float) -> float | None:
+    """Prompt tokens per generated token in the window: what the request mix asks of prefill
+    against decode (chat ~2, long prompts ~30), whatever the load level. None while idle."""
+    if prompt_tokens_per_s <= 0.0 or generation_tokens_per_s <= 0.0:
+        return None
+    return prompt_tokens_per_s / generation_tokens_per_s
+
+
 class JointController:
     name = "joint"
 
@@ -143,6 +173,7 @@ class JointController:
         self.params = params or JointParams()
         self._servers: dict[str, _ServerState] = {}
         self._excursions: list[tuple[float, float]] = []  # (now_s, host excursion W), recent
+        self._limits_seen: list[tuple[float, dict[int, float]]] = []  # (now_s, limits), recent
         self._cold_since_s: float | None = None
         self._last_budget_w: float | None = None
         self._budget_for_ceilings: float | None = None
@@ -158,8 +189,9 @@ class JointController:
         # What counts against a budget is the 1 s averaged power (what the GPUs' own cap loop
         # holds and a facility meter integrates), so the guard learns its excursions above the
         # limits; 100 ms instant spikes would starve the host for nothing.
+        limits = self._recent_limits_w(gpus)
         avg_excursion = max(
-            0.0, sum((g.power_w or 0.0) - g.power_limit_w for g in gpus if g.power_w is not None)
+            0.0, sum((g.power_w or 0.0) - limits[g.index] for g in gpus if g.power_w is not None)
         )
         self._excursions.append((now_s, avg_excursion))
         while self._excursions and now_s - self._excursions[0][0] > p.excursion_memory_s:
@@ -167,8 +199,26 @@ class JointController:
         seen = max(e for _, e in self._excursions)
         guard = max(p.budget_guard_frac * budget_w, p.excursion_gain * seen)
         if now_s - self._cold_since_s < p.cold_s:
-            guard = max(guard, p.cold_guard_frac * budget_w)
+            guard = max(guard, p.cold_guard_frac * budget_w, p.cold_guard_w_per_gpu * len(gpus))
         return guard
+
+    def _note_limits(self, now_s: float, gpus: Sequence[GpuObservation]) -> None:
+        self._limits_seen.append((now_s, {g.index: g.power_limit_w for g in gpus}))
+        while self._limits_seen and now_s - self._limits_seen[0][0] > self.params.limit_lag_s:
+            self._limits_seen.pop(0)
+
+    def _recent_limits_w(self, gpus: Sequence[GpuObservation]) -> dict[int, float]:
+        """Each GPU's highest limit within limit_lag_s: what its 1 s average may still show."""
+        out = {g.index: g.power_limit_w for g in gpus}
+        for _, seen in self._limits_seen:
+            for i, w in seen.items():
+                if i in out:
+                    out[i] = max(out[i], w)
+        return out
+
+    def _lowered_recently(self, gpus: Sequence[GpuObservation]) -> bool:
+        recent = self._recent_limits_w(gpus)
+        return any(recent[g.index] > g.power_limit_w + 0.5 for g in gpus)
 
     # -- per-server steps -------------------------------------------------------------------
 
@@ -249,26 +299,65 @@ class JointController:
             and jump > p.ff_jump
             and (worst is None or jump > worst)
         )
+        # The same for the request mix: the windowed prompt and generation rates move within
+        # a few seconds of a shift to long prompts, before the ITL quantile does.
+        now_prefill = _prefill_intensity(sig.prompt_tokens_per_s, sig.generation_tokens_per_s)
+        if now_prefill is not None:
+            # smoothed like the concurrency (~2 s); the reference is a slow average (~the
+            # window), not the lowest value seen: against a trough, noise reads as a step
+            st.prefill = (
+                now_prefill if st.prefill is None else st.prefill + 0.5 * (now_prefill - st.prefill)
+            )
+        prefill = st.prefill
+        prefill_jump = (
+            0.0
+            if prefill is None or st.ref_prefill is None
+            else prefill / max(st.ref_prefill, 1e-9) - 1.0
+        )
+        # No headroom gate here (unlike the concurrency's): prefill chunks stall the decode
+        # steps, so ITL does not grow in proportion but jumps (+50% headroom to a miss in ~3 s
+        # on the twin when a long-prompt phase starts).
+        # Prompt lengths vary widely (lognormal), so a window of few requests moves the share
+        # by chance: the jump must also clear that noise, ff_prefill_noise / sqrt(requests).
+        prefill_bar = max(
+            p.ff_prefill_jump, p.ff_prefill_noise / math.sqrt(max(1.0, rps * p.dwell_s))
+        )
+        ff_prefill = prefill_jump > prefill_bar and sig.running + sig.waiting >= p.ff_min_requests
         if worst is not None and worst < 0.0:
             if since >= p.react_s and cap < ceiling_w:
                 good = st.model.known_good_cap(now_s, rps, cap, p.low_margin)
                 new = max(cap + p.danger_step_up_w, good or 0.0)
                 why = f"SLO missed ({describe(h)})"
         elif (
-            (ff_jump or (sig.waiting >= p.ff_waiting and not batch_binds))
-            and since >= p.react_s
+            (ff_jump or ff_prefill or (sig.waiting >= p.ff_waiting and not batch_binds))
+            and now_s - st.cap_raised_s >= p.react_s
             and cap < ceiling_w
         ):
-            # Feed-forward: the queue or the concurrency jumped; the latency quantiles will
-            # show it only once the window has filled, so raise now, in proportion.
+            # Feed-forward: the queue, the concurrency or the prefill share jumped; the latency
+            # quantiles will show it only once the window has filled, so raise now, in
+            # proportion. The window fills over dwell_s, so a step of the mix shows as a ramp
+            # and the raises follow it (at most every react_s), settling with the window.
             ref = st.ref_load or load
-            rise = min(1.0, p.ff_gain * max(load / max(ref, 1.0) - 1.0, 0.0))
+            rise = min(
+                1.0,
+                max(
+                    p.ff_gain * (load / max(ref, 1.0) - 1.0),
+                    p.ff_prefill_gain * prefill_jump if ff_prefill else 0.0,
+                    0.0,
+                ),
+            )
             good = st.model.known_good_cap(now_s, rps, cap, p.high_margin)
             new = max(cap + p.cap_step_up_w, cap + rise * (ceiling_w - cap), good or 0.0)
-            why = (
-                f"load step: {sig.running:.0f} running + {sig.waiting:.0f} waiting "
-                f"(was {ref:.0f}), feed-forward"
-            )
+            if ff_prefill and not ff_jump:
+                why = (
+                    f"prefill share up: {prefill:.1f} prompt tokens per generated token "
+                    f"(was {st.ref_prefill:.1f}), feed-forward"
+                )
+            else:
+                why = (
+                    f"load step: {sig.running:.0f} running + {sig.waiting:.0f} waiting "
+                    f"(was {ref:.0f}), feed-forward"
+                )
         elif worst is not None and worst < p.low_margin:
             if since >= p.settle_s and cap < ceiling_w:
                 new = cap + p.cap_step_up_w
@@ -301,13 +390,26 @@ class JointController:
                 reasons.append(why)
                 why = ""
         new = min(max(new, floor_w), ceiling_w)
-        if abs(new - cap) >= 0.5:
+        changed = abs(new - cap) >= 0.5
+        if changed:
             reasons.append(f"{srv.name}: cap {cap:.0f} -> {new:.0f} W per GPU: {why}")
             st.cap_changed_s = now_s
             st.probed_up = why.startswith("probing a higher")
             st.ref_load = load
         elif st.ref_load is None or load < st.ref_load:
             st.ref_load = load  # the reference follows the load down, not up
+        # A raise that answered the latency or the mix was set for this prefill share;
+        # otherwise (holding, or a search step) the reference keeps averaging.
+        answered = changed and why.startswith(("SLO", "load step", "prefill"))
+        if answered:
+            st.cap_raised_s = now_s
+        if prefill is not None:
+            ref_p = st.ref_prefill
+            st.ref_prefill = (
+                prefill
+                if answered or ref_p is None
+                else ref_p + p.ff_prefill_ref_weight * (prefill - ref_p)
+            )
         st.cap_w = new
 
     def _climb(
@@ -422,11 +524,18 @@ class JointController:
             return
         sig = srv.signals
         old = st.batch_limit
-        power_starved = st.starved or at_ceiling
+        # Starved by the budget counts once it has lasted settle_s: the urgency-weighted split
+        # moves watts to a server that misses its SLO within a tick or two, and a shrink
+        # before that only builds a queue (TTFT falls off a cliff, ITL would have recovered).
+        starved_long = st.starved_since_s is not None and now_s - st.starved_since_s >= p.settle_s
+        power_starved = starved_long or at_ceiling
+        # A shrink trades ITL for queueing, and TTFT falls off a cliff once a queue forms: so
+        # never shrink for ITL while requests already wait (the queue would only grow).
         if (
             h.itl is not None
             and h.itl < 0.0
             and power_starved
+            and sig.waiting < 1.0
             and (h.ttft is None or (h.ttft > p.high_margin and h.ttft > h.itl))
         ):
             base = min(old, max(int(sig.running), 1))
@@ -481,6 +590,7 @@ class JointController:
             for st in self._servers.values():
                 if st.ceiling_until_s == math.inf:
                     st.batch_ceiling, st.ceiling_until_s = None, -math.inf
+        self._note_limits(obs.now_s, obs.gpus)
         sum_min = sum(g.min_limit_w for g in obs.gpus)
         guard_w = 0.0
         plan_w = budget_w
@@ -494,7 +604,17 @@ class JointController:
         # floor: the caps cannot give more, only less work can.
         at_floor = budget_w is not None and budget_w - guard_w < sum_min
         drawn = sum(g.power_w if g.power_w is not None else drawn_power_w(g) for g in obs.gpus)
-        over_at_floor = at_floor and budget_w is not None and drawn > budget_w
+        # ... and only against limits that already fit the budget (or sit at their minimums)
+        # and have held for the 1 s average: right after a budget cut the average still shows
+        # the old limits, and shedding for that would leave a ceiling on the batch for as long
+        # as the budget holds.
+        over_at_floor = (
+            at_floor
+            and budget_w is not None
+            and drawn > budget_w
+            and sum(g.power_limit_w for g in obs.gpus) <= max(budget_w, sum_min) + 1e-6
+            and not self._lowered_recently(obs.gpus)
+        )
         near_at_floor = (
             at_floor and budget_w is not None and drawn > budget_w * (1.0 - p.batch_band_frac)
         )
@@ -579,7 +699,7 @@ class JointController:
         current = {g.index: g.power_limit_w for g in obs.gpus}
         targets = limit_raise(current, targets, p.max_raise_w_per_tick)
         fitted = fit_to_budget(targets, obs.gpus, plan_w)
-        self._note_allocation(owner, fitted.limits_w, bound or fitted.scaled)
+        self._note_allocation(owner, fitted.limits_w, bound or fitted.scaled, obs.now_s)
         limits = fitted.limits_w
         if p.control_caps:
             # Hard rule: a raise only takes power that is free now, so a cap raised in the same
@@ -653,7 +773,11 @@ class JointController:
                 batch[srv.name] = new
 
     def _note_allocation(
-        self, owner: Mapping[str, list[int]], limits_w: Mapping[int, float], bound: bool
+        self,
+        owner: Mapping[str, list[int]],
+        limits_w: Mapping[int, float],
+        bound: bool,
+        now_s: float,
     ) -> None:
         """When the budget binds, pull each desire back to what it was given plus one step, so
         that a server starved by the budget keeps signalling need without ratcheting to the
@@ -663,5 +787,9 @@ class JointController:
             got = max(limits_w[i] for i in indices)
             assert st.cap_w is not None
             st.starved = bound and st.cap_w > got + 0.5
+            if not st.starved:
+                st.starved_since_s = None
+            elif st.starved_since_s is None:
+                st.starved_since_s = now_s
             if bound and self.params.control_caps:
                 st.cap_w = min(st.cap_w, got + self.params.cap_step_up_w)

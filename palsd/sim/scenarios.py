@@ -180,8 +180,8 @@ UTILISATION = {
     "diurnal": 0.8,
     "mixed": 0.5,
 }
-STRICT_FRAC = 0.3  # strict: every GPU at its floor plus 30% of its range (H100: 350 W, 50% TDP)
-DR_FRACS = (1.0, 0.5, 0.3, 0.2, 0.5, 1.0)  # demand response, six equal steps
+STRICT_FRAC = 0.1  # strict: every GPU at its floor plus 10% of its range (H100: 250 W, 36% TDP)
+DR_FRACS = (1.0, 0.1, 0.05, 0.1, 0.5, 1.0)  # demand response, six equal steps
 
 
 def build_scenario(name: str, seed: int) -> Scenario:

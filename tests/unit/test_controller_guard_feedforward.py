@@ -1,0 +1,95 @@
+"""The guard band under a binding budget and the feed-forward on the request mix: plain values,
+no twin, no mocks (issue 10's strict, demand-response and mixed gaps)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from palsd.core.controller import JointController, JointParams
+from palsd.core.types import ServerSignals
+from tests.unit.test_controller_fixtures import gpu, obs, server, signals
+
+
+def test_a_lowered_limit_is_not_learned_as_an_overshoot():
+    # Limits go from 700 W to 250 W; for a second the 1 s average still shows 400 W. That is
+    # the average's lag, not the cap loop overshooting: the guard must not learn it (it once
+    # planned 459 W below a 2000 W budget for ten minutes and starved every server).
+    params = JointParams(cold_s=0.0)
+    ctrl = JointController(params)
+    servers = [server("s0", (0, 1), signals(itl_s=0.15))]
+    ctrl.decide(
+        obs(0.0, [gpu(0, 400.0, limit_w=700.0), gpu(1, 400.0, limit_w=700.0)], servers, 500)
+    )
+    ctrl.decide(
+        obs(0.5, [gpu(0, 400.0, limit_w=250.0), gpu(1, 400.0, limit_w=250.0)], servers, 500)
+    )
+    settled = [gpu(0, 240.0, limit_w=240.0), gpu(1, 240.0, limit_w=240.0)]
+    decision = ctrl.decide(obs(5.0, settled, servers, 500))
+    guard = params.budget_guard_frac * 500
+    assert sum(decision.power_limits_w.values()) >= 500 - guard - 1e-6
+
+
+def test_the_first_plan_after_a_budget_cut_keeps_watts_per_gpu_for_the_first_burst():
+    ctrl = JointController()
+    gpus = [gpu(i, power_w=120.0, limit_w=700.0) for i in range(8)]
+    servers = [server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.15)) for k in range(4)]
+    decision = ctrl.decide(obs(0.0, gpus, servers, 2000.0))
+    cold = JointParams().cold_guard_w_per_gpu * 8
+    assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
+
+
+def test_no_shedding_while_the_average_still_shows_the_limits_before_a_cut():
+    # The budget drops to 1800 W with limits at 240 W and the GPUs drawing 240 W each (1920 W
+    # averaged, above the new budget): lowering the limits is the answer, not a batch shed
+    # whose ceiling would hold for as long as the budget does.
+    ctrl = JointController(JointParams(initial_batch_limit=None))
+    gpus = [gpu(i, power_w=240.0, limit_w=240.0) for i in range(8)]
+    servers = [
+        server(f"s{k}", (2 * k, 2 * k + 1), signals(running=200), batch_limit=256) for k in range(4)
+    ]
+    decision = ctrl.decide(obs(0.0, gpus, servers, 1800.0))
+    assert all(b == 256 for b in decision.batch_limits.values())
+    assert not any("every cap at its floor" in r for r in decision.reasons)
+
+
+def _mix(prompt_per_generated: float) -> ServerSignals:
+    base = signals(itl_s=0.05, running=120, requests_per_s=15.0)
+    return dataclasses.replace(
+        base,
+        prompt_tokens_per_s=prompt_per_generated * base.generation_tokens_per_s,
+    )
+
+
+def test_a_shift_to_long_prompts_raises_the_cap_before_the_latency_shows_it():
+    ctrl = JointController()
+
+    def tick(t: float, sig: ServerSignals, limit_w: float) -> float:
+        gpus = [gpu(i, power_w=limit_w - 5.0, limit_w=limit_w) for i in (0, 1)]
+        decision = ctrl.decide(obs(t, gpus, [server("s0", (0, 1), sig)]))
+        return max(decision.power_limits_w.values())
+
+    limit, t = 300.0, 0.0
+    # A chat mix (2 prompt tokens per generated token) at 300 W with 50% ITL headroom.
+    ctrl.decide(obs(0.0, [gpu(i, 295.0, limit_w=300.0) for i in (0, 1)], []))
+    for _ in range(40):
+        t += 0.5
+        limit = tick(t, _mix(2.0), limit)
+    held = limit
+    # Long prompts arrive: the window's prefill share climbs, latency still fine.
+    for share in (2.5, 3.2, 4.0, 5.0):
+        t += 0.5
+        limit = tick(t, _mix(share), limit)
+    assert limit > held + 50.0
+
+
+def test_chat_noise_in_a_thin_window_is_not_a_shift_of_the_mix():
+    ctrl = JointController()
+    sig = dataclasses.replace(_mix(2.0), requests_per_s=3.0, running=15)
+    noisy = dataclasses.replace(sig, prompt_tokens_per_s=sig.prompt_tokens_per_s * 1.5)
+    limit = 300.0
+    for k in range(60):
+        s = noisy if k % 20 == 19 else sig
+        gpus = [gpu(i, power_w=250.0, limit_w=limit) for i in (0, 1)]
+        decision = ctrl.decide(obs(k * 0.5, gpus, [server("s0", (0, 1), s)]))
+        assert not any("prefill share up" in r for r in decision.reasons)
+        limit = max(decision.power_limits_w.values())
