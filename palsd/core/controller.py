@@ -481,12 +481,21 @@ class JointController:
         return cap, ""
 
     def _grow_room(
-        self, st: _ServerState, now_s: float, old: int, max_seqs: int, ignore_itl_ceiling: bool
+        self,
+        st: _ServerState,
+        now_s: float,
+        old: int,
+        max_seqs: int,
+        ignore_itl_ceiling: bool,
+        in_demand: float = 0.0,
     ) -> int:
-        """The limit growth may reach: one step, below a recent ceiling (an ITL ceiling gives
-        way when the queue hurts more than ITL; a budget ceiling never does)."""
+        """The limit growth may reach: one step, or at once what the requests in flight and
+        waiting ask for (a queue grows by the arrivals while the limit climbs step by step),
+        below a recent ceiling (an ITL ceiling gives way when the queue hurts more than ITL; a
+        budget ceiling never does)."""
         p = self.params
-        target = min(max_seqs, math.ceil(old * (1.0 + p.batch_step_frac)))
+        step = math.ceil(old * (1.0 + p.batch_step_frac))
+        target = min(max_seqs, max(step, math.ceil(in_demand)))
         active = st.batch_ceiling is not None and now_s < st.ceiling_until_s
         budget_ceiling = st.ceiling_until_s == math.inf
         if active and st.batch_ceiling is not None and (budget_ceiling or not ignore_itl_ceiling):
@@ -527,7 +536,15 @@ class JointController:
         # Starved by the budget counts once it has lasted settle_s: the urgency-weighted split
         # moves watts to a server that misses its SLO within a tick or two, and a shrink
         # before that only builds a queue (TTFT falls off a cliff, ITL would have recovered).
-        starved_long = st.starved_since_s is not None and now_s - st.starved_since_s >= p.settle_s
+        # And under a budget only for a clear miss (ITL beyond low_margin over its target): a
+        # marginal one is the split's to fix, and a shrink at a load the budget already holds
+        # near capacity costs more in queueing than it saves in ITL.
+        starved_long = (
+            st.starved_since_s is not None
+            and now_s - st.starved_since_s >= p.settle_s
+            and h.itl is not None
+            and h.itl < -p.low_margin
+        )
         power_starved = starved_long or at_ceiling
         # A shrink trades ITL for queueing, and TTFT falls off a cliff once a queue forms: so
         # never shrink for ITL while requests already wait (the queue would only grow).
@@ -555,7 +572,14 @@ class JointController:
             and not over_budget_at_floor
             and (h.itl is None or h.itl > p.low_margin or queue_hurts)
         ):
-            new = self._grow_room(st, now_s, old, max_seqs, ignore_itl_ceiling=queue_hurts)
+            new = self._grow_room(
+                st,
+                now_s,
+                old,
+                max_seqs,
+                ignore_itl_ceiling=queue_hurts,
+                in_demand=sig.running + sig.waiting,
+            )
             if new > old:
                 st.batch_limit = new
                 st.batch_changed_s = now_s
