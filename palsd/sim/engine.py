@@ -95,6 +95,7 @@ class TwinHost:
             )
             self._servers.append(sim)
             self.servers.append(ServerInfo(k, sim.name, indices, max_num_seqs, mspec.name))
+        self._groups = [[self._gpus[i] for i in srv.gpu_indices] for srv in self._servers]
         # per server: (t, prompt, generation, finished, preemptions) after each quantum
         self._snapshots: list[list[tuple[float, int, int, int, int]]] = [
             [(0.0, 0, 0, 0, 0)] for _ in self._servers
@@ -111,17 +112,15 @@ class TwinHost:
             self._quantum(q)
 
     def _quantum(self, q: float) -> None:
-        t_end = self.now_s + q
-        for k, srv in enumerate(self._servers):
-            group = [self._gpus[i] for i in srv.gpu_indices]
-            clock = min(g.clock_mhz for g in group)  # TP ranks wait for the slowest
-            use = srv.run_until(t_end, clock, self.now_s)
-            busy = use.busy_s
-            u_mem = use.mem_s / busy if busy > 0 else 0.0
-            u_comp = use.comp_s / busy if busy > 0 else 0.0
+        now_s = self.now_s
+        t_end = now_s + q
+        for srv, group, snaps in zip(self._servers, self._groups, self._snapshots, strict=True):
+            clock = min([g.clock_mhz for g in group])  # TP ranks wait for the slowest
+            busy, mem_s, comp_s = srv.run_until(t_end, clock, now_s)
+            u_mem = mem_s / busy if busy > 0 else 0.0
+            u_comp = comp_s / busy if busy > 0 else 0.0
             for g in group:
                 g.account(q, busy, u_mem, u_comp, clock)
-            snaps = self._snapshots[k]
             snaps.append(
                 (
                     t_end,
@@ -146,6 +145,18 @@ class TwinHost:
 
     def energy_j_total(self) -> float:
         return sum(g.energy_j for g in self._gpus)
+
+    def power_totals_w(self) -> tuple[float, float, float]:
+        """The sums over the GPUs of what `gpu_readings` reports as the 1 s average power, the
+        instant power and the limit (the same rounded values), without building readings."""
+        avg = 0.0
+        instant = 0.0
+        limits = 0.0
+        for g in self._gpus:
+            avg += round(g.power_avg_w, 3)
+            instant += round(g.power_instant_w, 3)
+            limits += g.power_limit_w
+        return avg, instant, limits
 
     # ---- servers ------------------------------------------------------------------------------
     def _server(self, server: int) -> ServerSim:
@@ -185,10 +196,11 @@ class TwinHost:
     def request_records(self, server: int, since: int = 0) -> list[RequestRecord]:
         """Finished requests of a server in finishing order, from position `since` on (empty
         when the host was built with keep_records=False, as the long-running shell is)."""
-        return self._server(server).finished[since:]
+        return self._server(server).records(since)
 
-    def server_signals(self, server: int, window_s: float) -> ServerSignals:
-        """Signals over (now - window_s, now], the way palsd derives them from /metrics."""
+    def server_signals(self, server: int, window_s: float, e2e: bool = True) -> ServerSignals:
+        """Signals over (now - window_s, now], the way palsd derives them from /metrics
+        (without e2e latency quantiles when `e2e` is False: the runner's SLO check needs none)."""
         s = self._server(server)
         t1 = self.now_s
         t0 = t1 - window_s
@@ -202,7 +214,7 @@ class TwinHost:
         span = max(1e-9, new[0] - old[0])
         ttft = s.ttft_samples.window(t0, t1)
         itl = s.itl_samples.window(t0, t1)
-        e2e = s.e2e_samples.window(t0, t1)
+        e2e_samples = s.e2e_samples.window(t0, t1) if e2e else []
         return ServerSignals(
             running=float(s.running),
             waiting=float(s.pending_waiting),
@@ -213,7 +225,7 @@ class TwinHost:
             preemptions_per_s=(new[4] - old[4]) / span,
             ttft_s=_quantiles(ttft),
             itl_s=_quantiles(itl),
-            e2e_s=_quantiles(e2e),
+            e2e_s=_quantiles(e2e_samples),
             window_s=span,
         )
 

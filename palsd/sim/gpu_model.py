@@ -267,9 +267,12 @@ class GpuState:
         self._bin_energy_j = 0.0
         self._bin_elapsed_s = 0.0
         self._idle_run_s = IDLE_HOLD_S  # starts idle
-        self._rates_mhz = -1.0  # clock at which _bw and _fl were computed
+        self._rates_mhz = -1.0  # clock at which _bw, _fl, _v2 and _idle_w were computed
         self._bw = 0.0
         self._fl = 0.0
+        self._v2 = 0.0
+        self._idle_w = 0.0
+        self._idle_max_w = spec.idle_w(spec.max_clock_mhz)
 
     @property
     def power_avg_w(self) -> float:
@@ -297,15 +300,26 @@ class GpuState:
             self._rates_mhz = clock_mhz
             self._bw = spec.bw_at(clock_mhz)
             self._fl = spec.flops_at(clock_mhz)
+            # power_w's clock-only terms, kept with the rates (the same floats it computes)
+            v = spec.volt_frac(clock_mhz)
+            self._v2 = v * v
+            self._idle_w = spec.idle_w(clock_mhz)
         bytes_per_s = u_mem * self._bw if busy else 0.0
         flops_per_s = u_comp * self._fl if busy else 0.0
-        p_busy = spec.power_w(clock_mhz, bytes_per_s, flops_per_s) if busy else 0.0
+        # spec.power_w(clock_mhz, bytes_per_s, flops_per_s), term for term
+        p_busy = (
+            self._idle_w
+            + self._v2 * (spec.flop_j * flops_per_s + spec.byte_core_j * bytes_per_s)
+            + spec.byte_mem_j * bytes_per_s
+            if busy
+            else 0.0
+        )
         # gaps between iterations cost idle power at the working clock; a GPU idle for
         # IDLE_HOLD_S is back at its context-idle clock (the max clock: 121 W on an H100)
         self._idle_run_s = 0.0 if busy else self._idle_run_s + dt_s
         held = self._idle_run_s < IDLE_HOLD_S
-        idle_clock = clock_mhz if held else spec.max_clock_mhz
-        energy = p_busy * busy_s + spec.idle_w(idle_clock) * idle_s
+        idle_w = self._idle_w if held else self._idle_max_w
+        energy = p_busy * busy_s + idle_w * idle_s
         self.energy_j += energy
         self.power_instant_w = energy / dt_s
         self.current_clock_mhz = clock_mhz if busy or held else spec.max_clock_mhz

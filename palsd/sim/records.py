@@ -3,7 +3,7 @@ time-stamped samples over a retention horizon for windowed signals and SLO accou
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 
@@ -102,7 +102,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float, weight: float = 1.0) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += weight
+        self.counts[bisect_left(self.bounds, value)] += weight
         self.sum += value * weight
 
     @property

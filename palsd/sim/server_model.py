@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
 
 from palsd.sim.gpu_model import GpuSpec
 from palsd.sim.models import CostModel, ModelSpec
@@ -60,15 +59,6 @@ class Req:
         self.finish_g = 0
         self.preemptions = 0
         self.live = False  # in the decode heap and not preempted
-
-
-@dataclass
-class StepUsage:
-    """GPU work of one quantum on each GPU of the group."""
-
-    busy_s: float = 0.0
-    mem_s: float = 0.0
-    comp_s: float = 0.0
 
 
 class ServerSim:
@@ -131,9 +121,12 @@ class ServerSim:
         self.e2e_samples = TimedSamples(history_s)
         self.keep_records = keep_records
         self.finished_total = 0
-        self.finished: list[RequestRecord] = []
+        # finished requests as RequestRecord's fields (a record is built when read: building
+        # a frozen dataclass per request cost more than the rest of finishing it)
+        self.finished: list[tuple[int, float, float, float, int, int, int]] = []
         self._admit_s: dict[int, float] = {}
-        self._carry = StepUsage()  # work of an iteration that ran past the last quantum's end
+        # work (busy_s, mem_s, comp_s) of an iteration that ran past the last quantum's end
+        self._carry = (0.0, 0.0, 0.0)
 
     # ---- state read by the host -------------------------------------------------------------
     @property
@@ -155,23 +148,31 @@ class ServerSim:
     # ---- the scheduler ------------------------------------------------------------------------
     def _pull_arrivals(self) -> None:
         stream = self._stream
-        while len(self.waiting) < MAX_WAITING and stream.peek(self.t) is not None:
+        waiting = self.waiting
+        t = self.t
+        while len(waiting) < MAX_WAITING and stream.peek(t) is not None:
             nxt = stream.pop()
             self._seq += 1
-            self.waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens, nxt.output_tokens))
+            waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens, nxt.output_tokens))
 
     def _admit(self) -> None:
-        room = self.kv_capacity - self.kv_used - sum(r.prefill_left for r in self.prefilling)
-        while self.waiting and self.running < self.limit:
-            req = self.waiting[0]
+        prefilling = self.prefilling
+        room = self.kv_capacity - self.kv_used - sum([r.prefill_left for r in prefilling])
+        waiting = self.waiting
+        running = self.n_dec + len(prefilling)
+        limit = self.limit
+        head_room = 0.01 * self.kv_capacity
+        while waiting and running < limit:
+            req = waiting[0]
             need = req.prompt + req.generated
-            if need > room - 0.01 * self.kv_capacity:
+            if need > room - head_room:
                 break  # FCFS: the head waits for KV space
-            self.waiting.popleft()
+            waiting.popleft()
             req.prefill_left = need
             req.ctx = 0
             self._admit_s.setdefault(req.seq, self.t)
-            self.prefilling.append(req)
+            prefilling.append(req)
+            running += 1
             room -= need
 
     def _enter_decode(self, req: Req) -> None:
@@ -193,30 +194,31 @@ class ServerSim:
         self._ctx_base -= req.ctx - req.g_start
         req.ctx = ctx_now
 
+    def records(self, since: int = 0) -> list[RequestRecord]:
+        """Finished requests in finishing order, from position `since` on."""
+        return [RequestRecord(*fields) for fields in self.finished[since:]]
+
     def _finish(self, req: Req, t_s: float) -> None:
-        admit_s = self._admit_s.pop(req.seq, req.arrival_s)
-        rec = RequestRecord(
-            self.index,
-            req.arrival_s,
-            req.first_token_s,
-            t_s,
-            req.prompt,
-            req.output,
-            req.preemptions,
-        )
+        arrival_s = req.arrival_s
+        first_s = req.first_token_s
+        output = req.output
+        admit_s = self._admit_s.pop(req.seq, arrival_s)
         self.finished_total += 1
         if self.keep_records:
-            self.finished.append(rec)
+            self.finished.append(
+                (self.index, arrival_s, first_s, t_s, req.prompt, output, req.preemptions)
+            )
         self.success_total["length"] += 1
-        self.h_e2e.observe(rec.e2e_s)
-        self.h_queue.observe(admit_s - req.arrival_s)
+        e2e_s = t_s - arrival_s  # RequestRecord.e2e_s
+        self.h_e2e.observe(e2e_s)
+        self.h_queue.observe(admit_s - arrival_s)
         self.h_inference.observe(t_s - admit_s)
-        self.h_prefill.observe(req.first_token_s - admit_s)
-        self.h_decode.observe(t_s - req.first_token_s)
-        self.h_gen_tokens.observe(req.output)
-        if req.output > 1:
-            self.h_tpot.observe(rec.tpot_s)
-        self.e2e_samples.add(t_s, rec.e2e_s)
+        self.h_prefill.observe(first_s - admit_s)
+        self.h_decode.observe(t_s - first_s)
+        self.h_gen_tokens.observe(output)
+        if output > 1:
+            self.h_tpot.observe((t_s - first_s) / (output - 1))  # RequestRecord.tpot_s
+        self.e2e_samples.add(t_s, e2e_s)
 
     def _preempt_newest(self) -> None:
         while self._order:
@@ -230,74 +232,92 @@ class ServerSim:
                 self.waiting.appendleft(req)
                 return
 
-    def run_until(self, t_end: float, clock_mhz: float, t_start: float) -> StepUsage:
-        """Run the scheduler up to t_end; return the GPU work that falls in
-        (t_start, t_end]. An iteration that runs past t_end is charged to the next call."""
-        use = self._carry
-        self._carry = StepUsage()
+    def run_until(
+        self, t_end: float, clock_mhz: float, t_start: float
+    ) -> tuple[float, float, float]:
+        """Run the scheduler up to t_end; return the GPU work (busy_s, mem_s, comp_s) that falls
+        in (t_start, t_end]. An iteration that runs past t_end is charged to the next call."""
+        busy, mem, comp = self._carry
+        self._carry = (0.0, 0.0, 0.0)
         self._cost.set_clock(clock_mhz)
-        use = self._run(t_end, use)
+        busy, mem, comp = self._run(t_end, busy, mem, comp)
         span = max(t_end - t_start, 0.0)
-        if use.busy_s > span and use.busy_s > 0:
-            excess = use.busy_s - span
-            share = excess / use.busy_s
-            self._carry = StepUsage(excess, use.mem_s * share, use.comp_s * share)
-            use = StepUsage(span, use.mem_s * (1 - share), use.comp_s * (1 - share))
-        return use
+        if busy > span and busy > 0:
+            excess = busy - span
+            share = excess / busy
+            self._carry = (excess, mem * share, comp * share)
+            return span, mem * (1 - share), comp * (1 - share)
+        return busy, mem, comp
 
-    def _run(self, t_end: float, use: StepUsage) -> StepUsage:
+    def _run(
+        self, t_end: float, busy: float, mem: float, comp: float
+    ) -> tuple[float, float, float]:
         cost = self._cost.cost
+        stream = self._stream
+        waiting = self.waiting
+        heap = self._heap
+        h_itl_observe = self.h_itl.observe
+        h_iter_observe = self.h_iter_tokens.observe
+        itl_add = self.itl_samples.add
+        ceil = math.ceil
         while self.t < t_end:
-            self._pull_arrivals()
-            self._admit()
-            if not self.prefilling and self.n_dec == 0:
-                nxt = None if self.waiting else self._stream.peek(t_end)
+            if len(waiting) < MAX_WAITING and stream.peek(self.t) is not None:
+                self._pull_arrivals()
+            if waiting:
+                self._admit()
+            n = self.n_dec
+            if self.prefilling:
+                t_iter, mem_s, comp_s = self._prefill_iteration()
+                busy += t_iter
+                mem += mem_s
+                comp += comp_s
+                continue
+            if n == 0:
+                nxt = None if waiting else stream.peek(t_end)
                 self.t = t_end if nxt is None else max(self.t, nxt.arrival_s)
                 continue
-            if self.prefilling:
-                self._prefill_iteration(use)
-                continue
             # a span of k pure-decode iterations
-            n = self.n_dec
-            ctx = self.kv_used
+            g = self.g
+            ctx = self._ctx_base + n * g + self.kv_prefill  # kv_used
             kv_room = self.kv_capacity - ctx
             if kv_room < n:
                 self._preempt_newest()
                 continue
             t_iter, mem_s, comp_s = cost(n, ctx + n * 4)
             k = min(
-                self._heap[0][0] - self.g,
+                heap[0][0] - g,
                 kv_room // n,
-                max(1, math.ceil((t_end - self.t) / t_iter)),
+                max(1, ceil((t_end - self.t) / t_iter)),
             )
-            if not self.waiting and self.running < self.limit:
+            if not waiting and n < self.limit:  # running == n_dec here
                 # a new arrival could join at once: end the span there
-                nxt = self._stream.peek(t_end)
+                nxt = stream.peek(t_end)
                 if nxt is not None:
-                    k = min(k, max(1, math.ceil((nxt.arrival_s - self.t) / t_iter)))
+                    k = min(k, max(1, ceil((nxt.arrival_s - self.t) / t_iter)))
             k = max(1, k)
             if k > 8:  # contexts grow during the span: cost it at its middle
                 t_iter, mem_s, comp_s = cost(n, ctx + n * k / 2)
             t0 = self.t
-            self.g += k
+            g += k
+            self.g = g
             self.t += k * t_iter
             tokens = k * n
             self.generation_tokens_total += tokens
-            use.busy_s += k * t_iter
-            use.mem_s += k * mem_s
-            use.comp_s += k * comp_s
-            self.h_itl.observe(t_iter, tokens)
-            self.h_iter_tokens.observe(n, k)
-            self.itl_samples.add(self.t, t_iter, tokens)
-            heap = self._heap
-            while heap and heap[0][0] <= self.g:
+            busy += k * t_iter
+            mem += k * mem_s
+            comp += k * comp_s
+            h_itl_observe(t_iter, tokens)
+            h_iter_observe(n, k)
+            itl_add(self.t, t_iter, tokens)
+            while heap and heap[0][0] <= g:
                 fg, _, req = heapq.heappop(heap)
                 if req.live and req.finish_g == fg:
                     self._leave_decode(req)
-                    self._finish(req, t0 + (fg - (self.g - k)) * t_iter)
-        return use
+                    self._finish(req, t0 + (fg - (g - k)) * t_iter)
+        return busy, mem, comp
 
-    def _prefill_iteration(self, use: StepUsage) -> None:
+    def _prefill_iteration(self) -> tuple[float, float, float]:
+        """One iteration with prefill chunks (and the decoding requests); its GPU work."""
         budget = self.max_batched_tokens - self.n_dec
         chunk_tokens = 0
         attend = 0.0
@@ -315,9 +335,6 @@ class ServerSim:
         t_iter, mem_s, comp_s = self._cost.cost(n, ctx, chunk_tokens, attend)
         self.t += t_iter
         self.g += 1
-        use.busy_s += t_iter
-        use.mem_s += mem_s
-        use.comp_s += comp_s
         self.h_iter_tokens.observe(n + chunk_tokens)
         if n:
             self.generation_tokens_total += n
@@ -335,7 +352,7 @@ class ServerSim:
                 self._finish(req, self.t)
         done = [req for req, _ in chunks if req.prefill_left == 0]
         if not done:
-            return
+            return t_iter, mem_s, comp_s
         self.prefilling = [r for r in self.prefilling if r.prefill_left > 0]
         for req in done:
             self.kv_prefill -= req.ctx
@@ -353,3 +370,4 @@ class ServerSim:
                 self._finish(req, self.t)
             else:
                 self._enter_decode(req)
+        return t_iter, mem_s, comp_s

@@ -200,7 +200,7 @@ class _Sensor:
 
 
 def _window_met(host: Any, setup: ModelSetup, index: int) -> bool:
-    sig = host.server_signals(index, SLO_WINDOW_S)
+    sig = host.server_signals(index, SLO_WINDOW_S, e2e=False)
     if not headroom(setup.slo, sig).meets():
         return False
     # Requests stuck in the queue leave no TTFT sample yet; a window in which requests waited
@@ -304,14 +304,11 @@ def run_policy(
                     last_dir[n] = step
                     last_batch[n] = int(want)
         host.step(SUB_STEP_S)
-        readings = host.gpu_readings()
         # Power against the budget is the NVML 1 s average: what the GPUs' own power cap
         # enforces and what a facility meter integrates. 100 ms instant spikes (prefill bursts
         # overshoot a cap; a real H100 read 121% of its limit while its average held) are
         # counted on their own, in seconds_instant_above_budget.
-        power_w = sum(g.power_w or 0.0 for g in readings)
-        instant_w = sum(g.power_instant_w or 0.0 for g in readings)
-        limits_w = sum(g.power_limit_w for g in readings)
+        power_w, instant_w, limits_w = host.power_totals_w()
         energy_now = host.energy_j_total()
         if price is not None:
             res.cost_usd += (energy_now - energy_prev) / 3.6e9 * price
@@ -405,7 +402,7 @@ def _record(
 ) -> None:
     itl, ttft, batch, rps, waiting = 0.0, 0.0, 0.0, 0.0, 0.0
     for n in names:
-        sig = host.server_signals(n, max(every_s, TIMELINE_EVERY_S))
+        sig = host.server_signals(n, max(every_s, TIMELINE_EVERY_S), e2e=False)
         waiting += sig.waiting
         rps += sig.requests_per_s
         i = quantile_of(sig.itl_s, setup.slo.itl_quantile)

@@ -33,8 +33,9 @@ class LengthDist:
     hi: int
 
     def draw(self, rng: random.Random) -> int:
-        value = rng.lognormvariate(math.log(self.median), self.sigma)
-        return int(min(self.hi, max(self.lo, round(value))))
+        # rng.lognormvariate(mu, sigma) is exp(rng.normalvariate(mu, sigma)): the same draw
+        value = round(math.exp(rng.normalvariate(math.log(self.median), self.sigma)))
+        return int(self.hi if value > self.hi else (self.lo if value < self.lo else value))
 
 
 # Chat-like lengths (ShareGPT-ish): medians 384 in, 192 out.
