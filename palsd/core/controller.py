@@ -104,8 +104,10 @@ class JointParams:
     # ... and at least this many watts per GPU: the first prefill burst at a newly lowered
     # limit lands while the clock is still where the old limit (or idle) left it, and the 1 s
     # average overshoots the limit by ~30 W per H100 before the cap loop has pulled it down,
-    # whatever the budget (a share of a low budget is too thin for it).
+    # whatever the budget (a share of a low budget is too thin for it). Only for cold_burst_s:
+    # once the cap loop and the 1 s average have settled, the learned excursion takes over.
     cold_guard_w_per_gpu: float = 40.0
+    cold_burst_s: float = 5.0
     cold_s: float = 20.0
     model: ModelParams = field(default_factory=ModelParams)
 
@@ -199,7 +201,9 @@ class JointController:
         seen = max(e for _, e in self._excursions)
         guard = max(p.budget_guard_frac * budget_w, p.excursion_gain * seen)
         if now_s - self._cold_since_s < p.cold_s:
-            guard = max(guard, p.cold_guard_frac * budget_w, p.cold_guard_w_per_gpu * len(gpus))
+            guard = max(guard, p.cold_guard_frac * budget_w)
+        if now_s - self._cold_since_s < p.cold_burst_s:
+            guard = max(guard, p.cold_guard_w_per_gpu * len(gpus))
         return guard
 
     def _note_limits(self, now_s: float, gpus: Sequence[GpuObservation]) -> None:
