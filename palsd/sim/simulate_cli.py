@@ -66,7 +66,7 @@ def _init_worker(stop_at_w: Any) -> None:
 
 
 @dataclass(frozen=True)
-class _Job:
+class SimJob:
     """A policy run (`pair` None), a sweep pair's run, or the efficiency curve."""
 
     name: str
@@ -74,7 +74,7 @@ class _Job:
     slot: int = -1  # the pair's batch limit's slot in the stop flags
 
 
-def _work(job: _Job, base: tuple[str, float, int, str, str]) -> Any:
+def _work(job: SimJob, base: tuple[str, float, int, str, str]) -> Any:
     from palsd.sim.simulate import run_policy
 
     if job.name == _CURVE:
@@ -98,7 +98,7 @@ def _missed_slo(res: RunResult) -> bool:
 
 
 @dataclass
-class _Chain:
+class SweepChain:
     """One batch limit of the sweep, caps from the highest down. At a fixed batch limit a lower
     cap can only slow the GPUs (the firmware meets a lower limit with a lower clock), so once a
     cap misses the SLO every lower cap would too: those pairs are not run (a run already
@@ -125,7 +125,7 @@ class _Chain:
         return sum(1 for c in self.caps if c > cap and c not in self.done)
 
 
-class _Plan:
+class SweepPlan:
     """What to run next, given what has finished. Longest first (feedback policies, then the
     blind ones, then the sweep from its highest caps) so the processes finish together; when a
     process would otherwise wait, a chain's next cap starts before the one above it has
@@ -134,7 +134,7 @@ class _Plan:
     def __init__(
         self,
         policies: list[str],
-        chains: list[_Chain],
+        chains: list[SweepChain],
         shared: dict[tuple[float, int], str],
         curve: bool,
     ) -> None:
@@ -147,26 +147,26 @@ class _Plan:
         self.curve_result: Any = None
         self.stop_at_w: Any = None  # the shared flags, when runs are in parallel
 
-    def next_job(self, speculate: bool) -> _Job | None:
+    def next_job(self, speculate: bool) -> SimJob | None:
         if self.policies:
-            return _Job(self.policies.pop(0))
+            return SimJob(self.policies.pop(0))
         open_ = [(c, cap) for c in self.chains if (cap := c.next_cap()) is not None]
         certain = [(c, cap) for c, cap in open_ if c.ahead(cap) == 0]
         if certain:
             return self._start(*max(certain, key=lambda cc: cc[0].batch))
         if self.curve:
             self.curve = False
-            return _Job(_CURVE)
+            return SimJob(_CURVE)
         if speculate and open_:
             # the least speculative: fewest caps above it still running
             return self._start(*min(open_, key=lambda cc: (cc[0].ahead(cc[1]), -cc[0].batch)))
         return None
 
-    def _start(self, chain: _Chain, cap: float) -> _Job:
+    def _start(self, chain: SweepChain, cap: float) -> SimJob:
         chain.started.add(cap)
-        return _Job(fixed_name(cap, chain.batch), (cap, chain.batch), chain.slot)
+        return SimJob(fixed_name(cap, chain.batch), (cap, chain.batch), chain.slot)
 
-    def finished(self, job: _Job, result: Any) -> None:
+    def finished(self, job: SimJob, result: Any) -> None:
         if job.name == _CURVE:
             self.curve_result = result
             return
@@ -203,7 +203,7 @@ class _Plan:
         ]
 
 
-def _execute(plan: _Plan, jobs: int, base: tuple[str, float, int, str, str]) -> None:
+def _execute(plan: SweepPlan, jobs: int, base: tuple[str, float, int, str, str]) -> None:
     """Run the plan's jobs in `jobs` processes (forked: they inherit the measured capacities),
     or here when jobs is 1."""
     if jobs <= 1:
@@ -212,7 +212,7 @@ def _execute(plan: _Plan, jobs: int, base: tuple[str, float, int, str, str]) -> 
         return
     ctx = multiprocessing.get_context("fork")
     plan.stop_at_w = ctx.RawArray("d", len(plan.chains))
-    running: dict[Future[Any], _Job] = {}
+    running: dict[Future[Any], SimJob] = {}
     with ProcessPoolExecutor(jobs, ctx, _init_worker, (plan.stop_at_w,)) as pool:
         while True:
             while len(running) < jobs:
@@ -286,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
     base = (args.scenario, args.hours, args.seed, args.model, args.gpu)
     policies = [p for p in names if p != BEST_FIXED]
     skipped: list[tuple[float, int]] = []
-    chains: list[_Chain] = []
+    chains: list[SweepChain] = []
     shared: dict[tuple[float, int], str] = {}
     if BEST_FIXED in names:
         budgets = [
@@ -303,10 +303,10 @@ def main(args: argparse.Namespace) -> int:
             caps = sorted((c for c, b in pairs if b == batch), reverse=True)
             if caps:
                 own = {c for c, b in shared if b == batch}
-                chains.append(_Chain(batch, caps, len(chains), own))
+                chains.append(SweepChain(batch, caps, len(chains), own))
     # longest first: the feedback policies, then the fixed ones
     policies.sort(key=lambda p: is_blind(make_policy(p)))
-    plan = _Plan(policies, chains, shared, curve=True)
+    plan = SweepPlan(policies, chains, shared, curve=True)
     _execute(plan, args.jobs, base)
     runs = plan.runs + plan.sweep_runs()
     not_run = plan.not_run()

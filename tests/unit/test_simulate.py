@@ -20,7 +20,8 @@ from palsd.sim.scenarios import (
     server_rates_per_s,
     sweep_caps_w,
 )
-from palsd.sim.simulate_cli import sweep_pairs
+from palsd.sim.simulate import RunResult, fixed_pair_of
+from palsd.sim.simulate_cli import SimJob, SweepChain, SweepPlan, sweep_pairs
 
 KEYS = {
     "tokens_per_joule",
@@ -161,3 +162,82 @@ def test_the_sims_window_gives_what_the_daemons_signal_window_gives() -> None:
             theirs.server.window_s,
         )
         host.step(0.5)
+
+
+def _result(name: str, infeasible_by: str | None = None, stopped: bool = False) -> RunResult:
+    aborted = stopped or infeasible_by is not None
+    res = RunResult(name, aborted=aborted, stopped=stopped, infeasible_by=infeasible_by)
+    if infeasible_by == "budget":
+        res.seconds_above_budget = 0.1
+    return res
+
+
+def _drain(plan: SweepPlan, outcome: dict[str, str | None], speculate: int = 1) -> list[str]:
+    """Run the plan with `speculate` runs in flight at once, finishing the oldest first; each
+    run ends as `outcome` says (None: feasible). Returns the names in the order started."""
+    started: list[str] = []
+    flight: list[SimJob] = []
+    while True:
+        while len(flight) < speculate and (job := plan.next_job(speculate > 1)) is not None:
+            started.append(job.name)
+            flight.append(job)
+        if not flight:
+            return started
+        job = flight.pop(0)
+        below = job.pair is not None and any(
+            c.batch == job.pair[1] and job.pair[0] < c.missed_w for c in plan.chains
+        )
+        plan.finished(job, _result(job.name, outcome.get(job.name), stopped=below))
+
+
+def test_one_process_runs_the_sweep_top_down_and_stops_a_chain_at_its_first_slo_miss() -> None:
+    chains = [SweepChain(256, [400.0, 350.0, 300.0, 250.0], 0), SweepChain(64, [400.0, 350.0], 1)]
+    plan = SweepPlan(["palsd"], chains, {}, curve=False)
+    outcome = {"fixed_350_256": "budget", "fixed_300_256": "slo", "fixed_400_64": "slo"}
+    order = _drain(plan, outcome)
+    # the policies first, then the chains from their highest cap; a budget abort goes on down
+    assert order == [
+        "palsd",
+        "fixed_400_256",
+        "fixed_350_256",
+        "fixed_300_256",
+        "fixed_400_64",
+    ]
+    assert {r.policy for r in plan.sweep_runs()} == set(order[1:])
+    assert plan.not_run() == [(250.0, 256), (350.0, 64)]
+
+
+def test_a_run_started_early_below_a_cap_that_misses_is_dropped_as_not_run() -> None:
+    plan = SweepPlan([], [SweepChain(256, [400.0, 350.0, 300.0], 0)], {}, curve=False)
+    order = _drain(plan, {"fixed_400_256": "slo"}, speculate=2)
+    assert order[:2] == ["fixed_400_256", "fixed_350_256"]  # 350 before 400 is known
+    assert [r.policy for r in plan.sweep_runs()] == ["fixed_400_256"]
+    assert plan.not_run() == [(350.0, 256), (300.0, 256)]
+
+
+def test_a_policy_that_is_a_sweep_pair_shares_its_run_with_it() -> None:
+    chains = [SweepChain(256, [700.0, 650.0], 0, shared={700.0})]
+    plan = SweepPlan(["default"], chains, {(700.0, 256): "default"}, curve=False)
+    order = _drain(plan, {})
+    assert order == ["default", "fixed_650_256"]  # 700 W / 256 is not run a second time
+    assert {r.policy for r in plan.sweep_runs()} == {"fixed_700_256", "fixed_650_256"}
+    assert [r.policy for r in plan.runs] == ["default"]
+    # its SLO miss (the policy run goes on to the end) stops the chain like a sweep run's
+    plan = SweepPlan(
+        ["default"],
+        [SweepChain(256, [700.0, 650.0], 0, shared={700.0})],
+        {(700.0, 256): "default"},
+        curve=False,
+    )
+    assert _drain(plan, {"default": "slo"}) == ["default"]
+    assert plan.not_run() == [(650.0, 256)]
+
+
+def test_blind_policies_are_recognised_as_the_fixed_pair_they_decide() -> None:
+    efficiency, price = build_scenario("efficiency", 1), build_scenario("price", 1)
+    assert fixed_pair_of("default", efficiency, 1, "mixtral", "h100", 360.0) == (700.0, 256)
+    assert fixed_pair_of("default", price, 1, "mixtral", "h100", 360.0) == (700.0, 256)
+    assert fixed_pair_of("static", efficiency, 1, "mixtral", "h100", 360.0) == (700.0, 64)
+    # under a moving budget static's caps move with it: no one pair
+    assert fixed_pair_of("static", price, 1, "mixtral", "h100", 360.0) is None
+    assert fixed_pair_of("palsd", efficiency, 1, "mixtral", "h100", 360.0) is None
