@@ -205,6 +205,11 @@ def markdown(
         n_run, n_skip = len(sweep), len(best.get("skipped", []))
         n_below = len(best.get("not_run", []))
         n_ok = sum(1 for p in sweep.values() if _feasible(p))
+        shared = meta.get("best_fixed_shared") or {}
+        same = "".join(
+            f", {pair} is {policy}'s run (the same decisions: not run twice)"
+            for pair, policy in shared.items()
+        )
         verdict = (
             f"won by {best['cap_w']:g} W, batch {best['batch_limit']}"
             if best["feasible"]
@@ -215,8 +220,8 @@ def markdown(
             f"to the maximum limit x batch limits 32/64/128/256); {n_skip} skipped because "
             f"their caps sum above the lowest budget, {n_below} not run because a higher cap "
             f"at the same batch limit already missed the SLO (a lower cap only slows the GPUs), "
-            f"{n_run} run (each stopped once infeasible), {n_ok} feasible (SLO attainment >= "
-            f"{TARGET_ATTAINMENT}, never above budget); {verdict}.",
+            f"{n_run} run (each stopped once infeasible{same}), {n_ok} feasible (SLO "
+            f"attainment >= {TARGET_ATTAINMENT}, never above budget); {verdict}.",
             "",
         ]
     lines += [
@@ -318,6 +323,11 @@ def write(
                     "wall_s",
                 )
             }
+            | (
+                {"same_run_as": meta["best_fixed_shared"][name]}
+                if name in (meta.get("best_fixed_shared") or {})
+                else {}
+            )
             for name, p in sweep.items()
         },
         "palsd_vs": ratios(pol),
