@@ -321,6 +321,7 @@ def write(
                     "seconds_above_budget",
                     "aborted",
                     "wall_s",
+                    "cpu_s",
                 )
             }
             | (

@@ -75,6 +75,7 @@ class RunResult:
     seconds_instant_above_budget: float = 0.0
     virtual_s: float = 0.0
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU seconds for the run
     aborted: bool = False  # a sweep candidate stopped once it could no longer be feasible
     stopped: bool = False  # stopped from outside: its result is not wanted (not reported)
     # what first made the run infeasible, "slo" (more violating windows than 0.99 allows) or
@@ -109,6 +110,7 @@ class RunResult:
             "mean_gpu_power_w": self.energy_j / self.virtual_s / N_GPUS if self.virtual_s else 0.0,
             "speed_x_real_time": self.virtual_s / self.wall_s if self.wall_s > 0 else None,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "aborted": self.aborted,
             "budget_bound_share_low_phases": (
                 self.low_phase_bound_ticks / self.low_phase_ticks if self.low_phase_ticks else None
@@ -260,6 +262,7 @@ def run_policy(
     tokens0 = sum(host.tokens_generated_total(n) for n in names)
     energy0 = host.energy_j_total()
     started = time.perf_counter()
+    cpu0 = time.process_time()
     steps = round(duration_s / SUB_STEP_S)
     ticks_per_control = round(CONTROL_PERIOD_S / SUB_STEP_S)
     ticks_per_window = round(SLO_WINDOW_S / SUB_STEP_S)
@@ -348,6 +351,7 @@ def run_policy(
                 res.aborted = True
                 break
     res.wall_s = time.perf_counter() - started
+    res.cpu_s = time.process_time() - cpu0
     res.virtual_s = (k + 1) * SUB_STEP_S
     res.tokens = sum(host.tokens_generated_total(n) for n in names) - tokens0
     res.energy_j = host.energy_j_total() - energy0

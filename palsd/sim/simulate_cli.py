@@ -144,6 +144,7 @@ class SweepPlan:
         self.curve = curve
         self.runs: list[RunResult] = []  # the policies'
         self.sweep: dict[tuple[float, int], RunResult] = {}
+        self.dropped: list[RunResult] = []  # started early below a cap that then missed
         self.curve_result: Any = None
         self.stop_at_w: Any = None  # the shared flags, when runs are in parallel
 
@@ -184,15 +185,16 @@ class SweepPlan:
         chain = next(c for c in self.chains if c.batch == batch)
         chain.done.add(cap)
         if res.stopped or cap < chain.missed_w:
-            return  # below a cap that missed: reported as not run
+            self.dropped.append(res)  # below a cap that missed: reported as not run
+            return
         self.sweep[pair] = res
         if _missed_slo(res) and cap > chain.missed_w:
             chain.missed_w = cap
             if self.stop_at_w is not None:
                 self.stop_at_w[chain.slot] = cap
             for c in chain.caps:  # a lower cap's result that came in earlier is dropped
-                if c < cap:
-                    self.sweep.pop((c, batch), None)
+                if c < cap and (c, batch) in self.sweep:
+                    self.dropped.append(self.sweep.pop((c, batch)))
 
     def sweep_runs(self) -> list[RunResult]:
         return list(self.sweep.values())
@@ -340,6 +342,8 @@ def main(args: argparse.Namespace) -> int:
         ),
     }
     meta["runs"] = len(runs)
+    # runs started early below a cap that then missed: their work, not their results
+    meta["runs_dropped"] = {r.policy: round(r.cpu_s, 1) for r in plan.dropped}
     meta["efficiency_curve"] = _curve(plan.curve_result, args.out)
     order = {p: i for i, p in enumerate(names)}
     runs.sort(key=lambda r: order.get(r.policy, len(order)))
