@@ -570,11 +570,14 @@ class JointController:
             return
         # Grow while requests wait and ITL has room, or while the queue hurts more than ITL
         # does (TTFT headroom below ITL's): the batch limit balances the two.
+        # Starved by a budget, the watts are what limit and a larger batch serves more tokens
+        # per watt (PALS): a queue then opens the limit fully, since TTFT falls off a cliff
+        # while ITL degrades gradually.
         queue_hurts = h.ttft is not None and (h.itl is None or h.ttft < h.itl)
         if (
             sig.waiting >= 1.0
             and not over_budget_at_floor
-            and (h.itl is None or h.itl > p.low_margin or queue_hurts)
+            and (h.itl is None or h.itl > p.low_margin or queue_hurts or st.starved)
         ):
             new = self._grow_room(
                 st,
@@ -582,7 +585,7 @@ class JointController:
                 old,
                 max_seqs,
                 ignore_itl_ceiling=queue_hurts,
-                in_demand=sig.running + sig.waiting,
+                in_demand=max_seqs if st.starved else sig.running + sig.waiting,
             )
             if new > old:
                 st.batch_limit = new
