@@ -93,3 +93,18 @@ def test_chat_noise_in_a_thin_window_is_not_a_shift_of_the_mix():
         decision = ctrl.decide(obs(k * 0.5, gpus, [server("s0", (0, 1), s)]))
         assert not any("prefill share up" in r for r in decision.reasons)
         limit = max(decision.power_limits_w.values())
+
+
+def test_a_server_starved_by_the_budget_opens_its_batch_limit_when_requests_wait():
+    # 600 W for two GPUs that want more (ITL thin): the budget binds and the server is
+    # starved; requests wait, so the batch limit opens fully rather than step by step.
+    ctrl = JointController()
+    sig = signals(itl_s=0.09, ttft_s=1.0, running=64, waiting=20)
+    limits: dict[int, float] = {}
+    decision = None
+    for tick in range(12):
+        gpus = [gpu(i, power_w=295.0, limit_w=limits.get(i, 300.0)) for i in (0, 1)]
+        decision = ctrl.decide(obs(tick * 0.5, gpus, [server("s0", (0, 1), sig)], 600.0))
+        limits.update(decision.power_limits_w)
+    assert decision is not None and decision.mode == "budget-bound"
+    assert decision.batch_limits["s0"] == 256
