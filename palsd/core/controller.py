@@ -78,7 +78,7 @@ class JointParams:
     ff_prefill_jump: float = 0.4
     ff_prefill_ref_weight: float = 0.05  # the reference's EWMA weight per tick (~10 s)
     # A prefill step raises more than a load step of the same size (ITL jumps, see above).
-    ff_prefill_gain: float = 2.0
+    ff_prefill_gain: float = 1.0
     ff_prefill_noise: float = 4.0
     batch_step_frac: float = 0.25
     batch_settle_s: float = 3.0
@@ -327,16 +327,19 @@ class JointController:
             p.ff_prefill_jump, p.ff_prefill_noise / math.sqrt(max(1.0, rps * p.dwell_s))
         )
         ff_prefill = prefill_jump > prefill_bar and sig.running + sig.waiting >= p.ff_min_requests
+        # Load steps are spaced by react_s from any cap change (a probe's own effect on the
+        # concurrency is no load step); a shift of the mix only from the last raise (a probe
+        # does not move the mix, and ITL breaks within seconds of a shift).
+        ff_load_now = (
+            ff_jump or (sig.waiting >= p.ff_waiting and not batch_binds)
+        ) and since >= p.react_s
+        ff_prefill_now = ff_prefill and now_s - st.cap_raised_s >= p.react_s
         if worst is not None and worst < 0.0:
             if since >= p.react_s and cap < ceiling_w:
                 good = st.model.known_good_cap(now_s, rps, cap, p.low_margin)
                 new = max(cap + p.danger_step_up_w, good or 0.0)
                 why = f"SLO missed ({describe(h)})"
-        elif (
-            (ff_jump or ff_prefill or (sig.waiting >= p.ff_waiting and not batch_binds))
-            and now_s - st.cap_raised_s >= p.react_s
-            and cap < ceiling_w
-        ):
+        elif (ff_load_now or ff_prefill_now) and cap < ceiling_w:
             # Feed-forward: the queue, the concurrency or the prefill share jumped; the latency
             # quantiles will show it only once the window has filled, so raise now, in
             # proportion. The window fills over dwell_s, so a step of the mix shows as a ramp
@@ -346,13 +349,13 @@ class JointController:
                 1.0,
                 max(
                     p.ff_gain * (load / max(ref, 1.0) - 1.0),
-                    p.ff_prefill_gain * prefill_jump if ff_prefill else 0.0,
+                    p.ff_prefill_gain * prefill_jump if ff_prefill_now else 0.0,
                     0.0,
                 ),
             )
             good = st.model.known_good_cap(now_s, rps, cap, p.high_margin)
             new = max(cap + p.cap_step_up_w, cap + rise * (ceiling_w - cap), good or 0.0)
-            if ff_prefill and not ff_jump:
+            if ff_prefill_now and not ff_load_now:
                 why = (
                     f"prefill share up: {prefill:.1f} prompt tokens per generated token "
                     f"(was {st.ref_prefill:.1f}), feed-forward"
