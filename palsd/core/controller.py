@@ -326,7 +326,15 @@ class JointController:
         prefill_bar = max(
             p.ff_prefill_jump, p.ff_prefill_noise / math.sqrt(max(1.0, rps * p.dwell_s))
         )
-        ff_prefill = prefill_jump > prefill_bar and sig.running + sig.waiting >= p.ff_min_requests
+        # And only while the concurrency has not jumped: a burst of chat requests raises the
+        # share too (its prompts are counted at prefill, its tokens follow), but it queues
+        # first; a shift to long prompts does not raise the concurrency. A burst is the load
+        # feed-forward's (headroom-gated) to answer.
+        ff_prefill = (
+            prefill_jump > prefill_bar
+            and sig.running + sig.waiting >= p.ff_min_requests
+            and jump <= p.ff_jump
+        )
         # Load steps are spaced by react_s from any cap change (a probe's own effect on the
         # concurrency is no load step); a shift of the mix only from the last raise (a probe
         # does not move the mix, and ITL breaks within seconds of a shift).

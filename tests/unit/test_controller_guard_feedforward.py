@@ -108,3 +108,30 @@ def test_a_server_starved_by_the_budget_opens_its_batch_limit_when_requests_wait
         limits.update(decision.power_limits_w)
     assert decision is not None and decision.mode == "budget-bound"
     assert decision.batch_limits["s0"] == 256
+
+
+def test_a_chat_burst_is_a_load_step_not_a_shift_of_the_mix():
+    # A burst of chat requests counts its prompts at prefill before their tokens are
+    # generated, so the window's prefill share rises with it; but the concurrency (running +
+    # waiting) rises first, which a shift to long prompts does not do: no prefill feed-forward
+    # for a burst (issue 10's price gap: such false raises cost ~3% tokens/J there).
+    ctrl = JointController()
+
+    def tick(t: float, sig: ServerSignals, limit_w: float) -> tuple[float, list[str]]:
+        gpus = [gpu(i, power_w=limit_w - 5.0, limit_w=limit_w) for i in (0, 1)]
+        decision = ctrl.decide(obs(t, gpus, [server("s0", (0, 1), sig)]))
+        return max(decision.power_limits_w.values()), list(decision.reasons)
+
+    limit, t = 300.0, 0.0
+    for _ in range(40):
+        t += 0.5
+        limit, _ = tick(t, _mix(2.0), limit)
+    reasons: list[str] = []
+    # The burst queues first (its prompts are not prefilled yet), then runs.
+    burst = ((2.0, 120, 60), (2.5, 170, 30), (3.2, 180, 10), (4.0, 180, 0), (5.0, 180, 0))
+    for share, running, waiting in burst:
+        t += 0.5
+        sig = dataclasses.replace(_mix(share), running=running, waiting=waiting)
+        limit, said = tick(t, sig, limit)
+        reasons += said
+    assert not any("prefill share up" in r for r in reasons), reasons
