@@ -64,7 +64,7 @@ async def test_a_hung_server_does_not_stretch_the_tick(tmp_path: Path, hung_serv
             hung_server,
             (0, 1),
             Slo(ttft_s=2.0, itl_s=0.1),
-            ServerScraper(VllmScraper(hung_server, client, 10.0, SCRAPE_TIMEOUT_S), PERIOD_S),
+            ServerScraper(VllmScraper(hung_server, 10.0, SCRAPE_TIMEOUT_S), PERIOD_S),
             BatchActuator(
                 "hung",
                 hung_server,
