@@ -293,6 +293,7 @@ class JointController:
         )
         new = cap
         why = ""
+        answers = False  # a raise for the latency or the mix (not a search step)
         # Feed-forward only when the jump is larger than the headroom could absorb: latency
         # grows with concurrency at best in proportion, so a relative jump below the relative
         # headroom is served without a raise.
@@ -347,6 +348,7 @@ class JointController:
                 good = st.model.known_good_cap(now_s, rps, cap, p.low_margin)
                 new = max(cap + p.danger_step_up_w, good or 0.0)
                 why = f"SLO missed ({describe(h)})"
+                answers = True
         elif (ff_load_now or ff_prefill_now) and cap < ceiling_w:
             # Feed-forward: the queue, the concurrency or the prefill share jumped; the latency
             # quantiles will show it only once the window has filled, so raise now, in
@@ -363,6 +365,7 @@ class JointController:
             )
             good = st.model.known_good_cap(now_s, rps, cap, p.high_margin)
             new = max(cap + p.cap_step_up_w, cap + rise * (ceiling_w - cap), good or 0.0)
+            answers = True
             if ff_prefill_now and not ff_load_now:
                 why = (
                     f"prefill share up: {prefill:.1f} prompt tokens per generated token "
@@ -377,6 +380,7 @@ class JointController:
             if since >= p.settle_s and cap < ceiling_w:
                 new = cap + p.cap_step_up_w
                 why = f"SLO headroom thin ({describe(h)})"
+                answers = True
         elif worst is None:
             pass  # no samples (idle or just started): nothing to judge
         elif (
@@ -415,7 +419,7 @@ class JointController:
             st.ref_load = load  # the reference follows the load down, not up
         # A raise that answered the latency or the mix was set for this prefill share;
         # otherwise (holding, or a search step) the reference keeps averaging.
-        answered = changed and why.startswith(("SLO", "load step", "prefill"))
+        answered = changed and answers
         if answered:
             st.cap_raised_s = now_s
         if prefill is not None:
