@@ -759,7 +759,8 @@ def load_config(path: Path, *, check_files: bool = True) -> PalsdConfig:
         raise ConfigError(source, [f"(file): cannot read it: {err.strerror}"]) from None
     data, problems = _parse_yaml(raw, source)
     if data is None:
-        raise ConfigError(source, problems)
+        # `null` (or `~`) parses without a YAML error: still say what is wrong
+        raise ConfigError(source, problems or ["(top level): no settings; expected a mapping"])
     try:
         cfg = parse_config(data, source)
     except ConfigError as err:
