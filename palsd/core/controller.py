@@ -71,6 +71,14 @@ class JointParams:
     ff_gain: float = 1.0
     ff_waiting: float = 8.0
     ff_min_requests: float = 8.0  # ... and at least this many more requests in flight
+    # A load feed-forward raise is undone once the concurrency is back within this share of
+    # ff_jump of where it had been (the burst has passed).
+    ff_undo_frac: float = 0.5
+    # SLO headroom down by this much within fall_s (a prefill wave stalling the decode steps):
+    # raise at once, at most every fall_react_s, rather than wait for the window to show a miss.
+    fall_frac: float = 0.25
+    fall_s: float = 2.0
+    fall_react_s: float = 1.0
     # ... or the prefill intensity (prompt tokens per generated token, which the request mix
     # sets and the load level does not) this much above where the cap was last set: a
     # long-prompt phase lowers the concurrency but its prefills stall the decode steps, so
@@ -130,6 +138,9 @@ class _ServerState:
     prefill: float | None = None  # smoothed prompt tokens per generated token
     ref_prefill: float | None = None  # its slow average, reset when the cap is set
     load: float | None = None  # smoothed concurrency (running + waiting)
+    ff_from_w: float | None = None  # the cap before a load feed-forward raised it ...
+    ff_base_load: float | None = None  # ... and the concurrency it had been set for
+    recent_worst: list[tuple[float, float]] = field(default_factory=list)  # (now_s, headroom)
     batch_ceiling: int | None = None  # a limit that had to shrink: growth stays below it ...
     ceiling_until_s: float = -math.inf  # ... until then
 
@@ -294,6 +305,7 @@ class JointController:
         new = cap
         why = ""
         answers = False  # a raise for the latency or the mix (not a search step)
+        load_step = False  # ... by the load feed-forward (undone when the load falls back)
         # Feed-forward only when the jump is larger than the headroom could absorb: latency
         # grows with concurrency at best in proportion, so a relative jump below the relative
         # headroom is served without a raise.
@@ -343,12 +355,29 @@ class JointController:
             ff_jump or (sig.waiting >= p.ff_waiting and not batch_binds)
         ) and since >= p.react_s
         ff_prefill_now = ff_prefill and now_s - st.cap_raised_s >= p.react_s
+        falling = 0.0
+        if worst is not None:
+            st.recent_worst.append((now_s, worst))
+            while st.recent_worst and now_s - st.recent_worst[0][0] > p.fall_s:
+                st.recent_worst.pop(0)
+            falling = max(w for _, w in st.recent_worst) - worst
         if worst is not None and worst < 0.0:
             if since >= p.react_s and cap < ceiling_w:
                 good = st.model.known_good_cap(now_s, rps, cap, p.low_margin)
                 new = max(cap + p.danger_step_up_w, good or 0.0)
                 why = f"SLO missed ({describe(h)})"
                 answers = True
+        elif (
+            falling > p.fall_frac
+            and worst < p.high_margin
+            and since >= p.fall_react_s
+            and cap < ceiling_w
+        ):
+            # Headroom falling fast (a prefill wave stalling the decode steps): the window
+            # will show a miss within seconds, so raise now in proportion to the fall.
+            new = cap + max(p.cap_step_up_w, min(1.0, falling) * (ceiling_w - cap))
+            why = f"SLO headroom falling fast ({describe(h)}; down {falling:.0%} in {p.fall_s:g} s)"
+            answers = True
         elif (ff_load_now or ff_prefill_now) and cap < ceiling_w:
             # Feed-forward: the queue, the concurrency or the prefill share jumped; the latency
             # quantiles will show it only once the window has filled, so raise now, in
@@ -366,6 +395,9 @@ class JointController:
             good = st.model.known_good_cap(now_s, rps, cap, p.high_margin)
             new = max(cap + p.cap_step_up_w, cap + rise * (ceiling_w - cap), good or 0.0)
             answers = True
+            if ff_load_now and st.ff_from_w is None:
+                st.ff_from_w, st.ff_base_load = cap, ref
+            load_step = ff_load_now
             if ff_prefill_now and not ff_load_now:
                 why = (
                     f"prefill share up: {prefill:.1f} prompt tokens per generated token "
@@ -383,6 +415,21 @@ class JointController:
                 answers = True
         elif worst is None:
             pass  # no samples (idle or just started): nothing to judge
+        elif (
+            st.ff_from_w is not None
+            and st.ff_base_load is not None
+            and load <= st.ff_base_load * (1.0 + p.ff_undo_frac * p.ff_jump)
+            and worst > p.high_margin
+            and since >= p.react_s
+        ):
+            # Feed-forward both ways: the burst that a raise answered has passed (the
+            # concurrency is back near what the cap had been set for), so the cap goes back
+            # to where it was at once rather than walking down a search step per window.
+            new = st.ff_from_w
+            why = (
+                f"load back to {load:.0f} in flight (the raise was for a step from "
+                f"{st.ff_base_load:.0f}): feed-forward undone"
+            )
         elif (
             draw_w is not None
             and worst > p.high_margin
@@ -410,6 +457,12 @@ class JointController:
                 why = ""
         new = min(max(new, floor_w), ceiling_w)
         changed = abs(new - cap) >= 0.5
+        if st.ff_from_w is not None and (
+            new <= st.ff_from_w + 0.5 or (changed and answers and not load_step)
+        ):
+            # undone, walked down past it, or raised for the latency or the mix: the cap is
+            # no longer the load step's to take back
+            st.ff_from_w = st.ff_base_load = None
         if changed:
             reasons.append(f"{srv.name}: cap {cap:.0f} -> {new:.0f} W per GPU: {why}")
             st.cap_changed_s = now_s
