@@ -8,14 +8,16 @@ Rules of this file (everything that decides a limit lives here; safety.py has th
 - Per server, the SLO comes first: a missed SLO raises the cap at once (to the lowest cap the
   model has seen safe at this load, or by a large step); thin headroom raises it a step. Load
   steps are met by feed-forward: when the queue or the concurrency jumps, the cap rises before
-  the latency quantiles (which lag by the measurement window) show it.
+  the latency quantiles (which lag by the measurement window) show it, and once the concurrency
+  is back where it was the raise is taken back at once. Headroom that falls fast (a prefill
+  wave stalling the decode steps) raises the cap before the window shows a miss.
 - Otherwise the cap climbs the efficiency curve: a cap is judged only after it has held for a
   whole measurement window (`dwell_s`); an unmeasured neighbour (one step down when headroom is
   ample, one step up) is probed, a measured one that is better by `efficiency_eps` is moved to.
   A cap well above the draw does not bind and is lowered to the draw plus a margin (free).
   A cap the model recently saw break the SLO at this load is not probed again (hysteresis).
-- The batch limit grows while requests wait with ITL room, and shrinks when ITL is over target
-  and no watts can be had, or when the budget is still exceeded with every cap at its floor.
+- The batch limit grows while requests wait with ITL room, and shrinks when ITL is clearly over
+  target (beyond low_margin) and no watts can be had, or when the budget is still exceeded with every cap at its floor.
   Shrink and grow share one hysteresis: a limit that had to be shrunk becomes a ceiling that
   growth may not reach again for `batch_memory_s`, and growth under a binding budget needs the
   drawn power to sit a band below the budget, so at a fixed infeasible budget the limit settles.
@@ -608,16 +610,13 @@ class JointController:
         # Starved by the budget counts once it has lasted settle_s: the urgency-weighted split
         # moves watts to a server that misses its SLO within a tick or two, and a shrink
         # before that only builds a queue (TTFT falls off a cliff, ITL would have recovered).
-        # And under a budget only for a clear miss (ITL beyond low_margin over its target): a
-        # marginal one is the split's to fix, and a shrink at a load the budget already holds
-        # near capacity costs more in queueing than it saves in ITL.
-        starved_long = (
-            st.starved_since_s is not None
-            and now_s - st.starved_since_s >= p.settle_s
-            and h.itl is not None
-            and h.itl < -p.low_margin
-        )
-        power_starved = starved_long or at_ceiling
+        # And only for a clear miss (ITL beyond low_margin over its target), starved or at the
+        # ceiling: a marginal one is transient or the split's to fix, and a shrink at a load
+        # the watts already hold near capacity costs more in queueing than it saves in ITL
+        # (A100 twin: a shrink for a 10% miss at 400 W queued 33 requests within 3 s).
+        starved_long = st.starved_since_s is not None and now_s - st.starved_since_s >= p.settle_s
+        clear_miss = h.itl is not None and h.itl < -p.low_margin
+        power_starved = (starved_long or at_ceiling) and clear_miss
         # A shrink trades ITL for queueing, and TTFT falls off a cliff once a queue forms: so
         # never shrink for ITL while requests already wait (the queue would only grow).
         if (

@@ -105,3 +105,27 @@ def test_slowly_drifting_headroom_is_not_a_fall():
     for k in range(40):
         said += loop.tick(_sig(itl_s=0.045 + 0.001 * k))
     assert not any("falling fast" in r for r in said), said
+
+
+def _at_the_ceiling_with_itl(itl_s: float) -> list[str]:
+    # Both GPUs at their 700 W maximum (no watts to spare), 180 of 256 running, none waiting.
+    ctrl = JointController(JointParams(initial_batch_limit=None))
+    said: list[str] = []
+    for k in range(1, 9):
+        gpus = [gpu(i, power_w=695.0, limit_w=700.0) for i in (0, 1)]
+        sig = signals(itl_s=itl_s, ttft_s=0.2, running=180, requests_per_s=15.0)
+        srv = server("s0", (0, 1), sig, batch_limit=256)
+        said += ctrl.decide(obs(0.5 * k, gpus, [srv])).reasons
+    return said
+
+
+def test_a_marginal_itl_miss_at_the_ceiling_does_not_shrink_the_batch():
+    # ITL 10% over target for a few seconds: a shrink would queue requests on a saturated
+    # server (TTFT falls off a cliff) to fix what the next window usually does not show.
+    said = _at_the_ceiling_with_itl(0.11)
+    assert not any("batch limit 256 ->" in r for r in said), said
+
+
+def test_a_clear_itl_miss_at_the_ceiling_shrinks_the_batch():
+    said = _at_the_ceiling_with_itl(0.14)
+    assert any("batch limit 256 ->" in r and "no watts to spare" in r for r in said), said
