@@ -162,7 +162,10 @@ def test_binding_budget_gives_watts_to_the_server_missing_its_slo():
     assert limits[0] > limits[2] + 100.0
 
 
-def test_itl_over_target_when_power_starved_cuts_the_batch_limit():
+def test_itl_over_target_when_starved_by_the_budget_keeps_the_batch_limit():
+    # Starved by the budget, a shrink for ITL queued requests within seconds and the queue
+    # grew the limit straight back (demand response: a cycle every minute or two); the
+    # budget split is what answers the miss.
     ctrl = JointController()
     sig = signals(itl_s=0.14, ttft_s=0.5, running=64)
 
@@ -177,6 +180,18 @@ def test_itl_over_target_when_power_starved_cuts_the_batch_limit():
         limits.update(decision.power_limits_w)
         seen.extend(decision.reasons)
     assert decision.mode == "budget-bound"
+    assert decision.batch_limits["s0"] == 64
+    assert not any(r.startswith("s0: batch limit 64 ->") for r in seen), seen
+
+
+def test_itl_over_target_at_the_maximum_cap_cuts_the_batch_limit():
+    ctrl = JointController()
+    sig = signals(itl_s=0.14, ttft_s=0.5, running=64)
+    seen: list[str] = []
+    for tick in range(20):
+        gpus = [gpu(i, power_w=695.0, limit_w=700.0) for i in (0, 1)]
+        decision = ctrl.decide(obs(tick * PERIOD_S, gpus, [server("s0", (0, 1), sig)]))
+        seen.extend(decision.reasons)
     assert decision.batch_limits["s0"] < 64
     assert any(r.startswith("s0: batch limit 64 ->") and "no watts" in r for r in seen)
 

@@ -155,9 +155,15 @@ def test_dashboard_queries_name_only_metrics_palsd_exports() -> None:
 def test_dashboard_covers_power_limits_batch_slo_efficiency_and_feed() -> None:
     used = {n for _, e in _dashboard_exprs() for n in promql_metric_names(e)}
     for needed in (
-        "palsd_power_sum_watts", "palsd_budget_watts", "palsd_gpu_power_limit_watts",
-        "palsd_server_batch_limit", "palsd_server_slo_met", "palsd_tokens_per_joule",
-        "palsd_mqtt_connected", "palsd_budget_fallback_active", "palsd_mqtt_rejected_total",
+        "palsd_power_sum_watts",
+        "palsd_budget_watts",
+        "palsd_gpu_power_limit_watts",
+        "palsd_server_batch_limit",
+        "palsd_server_slo_met",
+        "palsd_tokens_per_joule",
+        "palsd_mqtt_connected",
+        "palsd_budget_fallback_active",
+        "palsd_mqtt_rejected_total",
     ):
         assert needed in used, needed
     dash = json.loads(DASHBOARD.read_text())
@@ -187,9 +193,16 @@ def test_alert_rules_name_only_exported_metrics_and_documented_runbooks() -> Non
         assert f"### {anchor}" in runbook, f"{rule['alert']}: no heading for #{anchor}"
     alerts = {r["alert"] for r in rules}
     for needed in (
-        "PalsdLimitsAboveBudget", "PalsdPowerAboveBudget", "PalsdFeedStale",
-        "PalsdMqttDisconnected", "PalsdFallbackBudget", "PalsdBudgetInfeasible",
-        "PalsdSloBurnFast", "PalsdActuationErrors", "PalsdTickStalled", "PalsdDown",
+        "PalsdLimitsAboveBudget",
+        "PalsdPowerAboveBudget",
+        "PalsdFeedStale",
+        "PalsdMqttDisconnected",
+        "PalsdFallbackBudget",
+        "PalsdBudgetInfeasible",
+        "PalsdSloBurnFast",
+        "PalsdActuationErrors",
+        "PalsdTickStalled",
+        "PalsdDown",
         "PalsdServerScrapeDown",
     ):
         assert needed in alerts, needed
