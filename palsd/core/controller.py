@@ -309,6 +309,7 @@ class JointController:
         why = ""
         answers = False  # a raise for the latency or the mix (not a search step)
         load_step = False  # ... by the load feed-forward (undone when the load falls back)
+        probe_up = False  # a search probe of an unmeasured higher cap
         # Feed-forward only when the jump is larger than the headroom could absorb: latency
         # grows with concurrency at best in proportion, so a relative jump below the relative
         # headroom is served without a raise.
@@ -443,7 +444,7 @@ class JointController:
             new = max(floor_w, draw_w + p.draw_margin_w)
             why = f"cap does not bind (draw {draw_w:.0f} W): lowered to draw + margin"
         elif held >= p.dwell_s:
-            new, why = self._climb(
+            new, why, probe_up = self._climb(
                 now_s,
                 srv.name,
                 st,
@@ -470,7 +471,7 @@ class JointController:
         if changed:
             reasons.append(f"{srv.name}: cap {cap:.0f} -> {new:.0f} W per GPU: {why}")
             st.cap_changed_s = now_s
-            st.probed_up = why.startswith("probing a higher")
+            st.probed_up = probe_up
             st.ref_load = load
         elif st.ref_load is None or load < st.ref_load:
             st.ref_load = load  # the reference follows the load down, not up
@@ -501,14 +502,15 @@ class JointController:
         floor_w: float,
         ceiling_w: float,
         host_share_w: float,
-    ) -> tuple[float, str]:
+    ) -> tuple[float, str, bool]:
         """One step of the efficiency search at this load: probe an unmeasured neighbour, or
-        move to a measured one that is better; (cap, "") to stay."""
+        move to a measured one that is better: (the new cap, why, whether it probes an
+        unmeasured higher cap); (cap, "", False) to stay."""
         p = self.params
         assert h.worst is not None
         here = self._efficiency(st, now_s, rps, cap, host_share_w)
         if here is None:
-            return cap, ""
+            return cap, "", False
         step = st.step_w or p.cap_step_w
         down = max(floor_w, cap - step)
         up = min(ceiling_w, cap + step)
@@ -530,15 +532,23 @@ class JointController:
         # the lower cap wins (it draws less and leaves more of any budget), so a probe upwards
         # stays only if it is clearly better, and a flat curve is walked down.
         eps = max(p.efficiency_eps, p.noise_gain / math.sqrt(max(1.0, rps * p.dwell_s)))
-        choice: tuple[float, str] | None = None
+        choice: tuple[float, str, bool] | None = None
         if e_up is not None and e_up > here * (1.0 + eps):
-            choice = (up, f"more tokens/J there ({e_up:.2f} vs {here:.2f})")
+            choice = (up, f"more tokens/J there ({e_up:.2f} vs {here:.2f})", False)
         elif e_down is not None and e_down * (1.0 + eps) > here:
-            choice = (down, f"as many tokens/J there for less power ({e_down:.2f} vs {here:.2f})")
+            choice = (
+                down,
+                f"as many tokens/J there for less power ({e_down:.2f} vs {here:.2f})",
+                False,
+            )
         elif may_down and e_down is None:
-            choice = (down, f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)")
+            choice = (
+                down,
+                f"probing a lower cap ({describe(h)}; {here:.2f} tokens/J here)",
+                False,
+            )
         elif may_up and e_up is None:
-            choice = (up, f"probing a higher cap ({here:.2f} tokens/J here)")
+            choice = (up, f"probing a higher cap ({here:.2f} tokens/J here)", True)
         if choice is not None:
             # A line search: the step doubles (up to 4x) while moves go the same way and
             # falls back to the base step when the direction turns.
@@ -553,8 +563,9 @@ class JointController:
             return (
                 cap,
                 f"{name}: holding {cap:.0f} W; lower caps recently broke the SLO at this load",
+                False,
             )
-        return cap, ""
+        return cap, "", False
 
     def _grow_room(
         self,
