@@ -73,7 +73,13 @@ def targets(
                     ratio >= TARGET_ADAPTIVE_X,
                 )
             )
-    if scenario not in BUDGET_SCENARIOS or (best.get("swept") and best["feasible"]):
+    # Where a fixed pair meets the SLO the SLO is within reach, so palsd must meet it too.
+    # Where the sweep found none (the load or the budget defeats every fixed setting: an A100
+    # cannot hold ITL p90 within 100 ms through long prompts at any cap), attainment is
+    # compared in the report, not held to 0.99. Without a sweep, feasibility is unknown: held
+    # to it except in the budget scenarios, which bind by design.
+    swept = bool(best.get("swept"))
+    if (swept and best["feasible"]) or (not swept and scenario not in BUDGET_SCENARIOS):
         rows.append(
             _row(
                 f"palsd slo_attainment >= {TARGET_ATTAINMENT}",
