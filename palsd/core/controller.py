@@ -708,9 +708,15 @@ class JointController:
         guard_w = 0.0
         plan_w = budget_w
         sum_max = sum(g.max_limit_w for g in obs.gpus)
-        # static caps (batch_only) stay as PALS's; a budget at or above every GPU's maximum
-        # cannot bind the limits, so it needs no guard either
-        if budget_w is not None and p.control_caps and budget_w < sum_max:
+        # static caps (batch_only) stay as PALS's. A budget equal to the sum of the maximum
+        # limits still needs the guard: GPUs at their maximum overshoot it for a moment like
+        # any other limit (a dense 70B at its diurnal peak: 0.8 s above 8 x 700 W). Only a
+        # budget a whole guard above every maximum is out of the cap loop's reach.
+        if (
+            budget_w is not None
+            and p.control_caps
+            and budget_w < sum_max * (1.0 + p.budget_guard_frac)
+        ):
             guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
             plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
         # Averaged power (not instant spikes) above the budget with no room left above the

@@ -135,3 +135,25 @@ def test_a_chat_burst_is_a_load_step_not_a_shift_of_the_mix():
         limit, said = tick(t, sig, limit)
         reasons += said
     assert not any("prefill share up" in r for r in reasons), reasons
+
+
+def test_a_budget_equal_to_every_maximum_still_plans_a_guard_below_it():
+    # Every server asks for its 700 W maximum and the budget is 8 x 700 W: GPUs at their
+    # maximum overshoot it for a moment like any other limit, so the plan stays a guard below.
+    ctrl = JointController()
+    gpus = [gpu(i, power_w=690.0, limit_w=700.0) for i in range(8)]
+    missing = signals(itl_s=0.2)
+    servers = [server(f"s{k}", (2 * k, 2 * k + 1), missing) for k in range(4)]
+    decision = ctrl.decide(obs(100.0, gpus, servers, 5600.0))
+    guard = JointParams().budget_guard_frac * 5600.0
+    assert sum(decision.power_limits_w.values()) <= 5600.0 - guard + 1e-6
+    assert decision.mode == "budget-bound"
+
+
+def test_a_budget_a_whole_guard_above_every_maximum_does_not_bind():
+    ctrl = JointController()
+    gpus = [gpu(i, power_w=690.0, limit_w=700.0) for i in range(8)]
+    servers = [server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.2)) for k in range(4)]
+    decision = ctrl.decide(obs(100.0, gpus, servers, 6000.0))
+    assert all(w == 700.0 for w in decision.power_limits_w.values())
+    assert decision.mode != "budget-bound"

@@ -77,14 +77,8 @@ reading = st.one_of(st.none(), st.floats(50.0, 900.0))
 @st.composite
 def host(draw: st.DrawFn) -> tuple[list[GpuObservation], dict[int, float], float]:
     n = draw(st.integers(1, 8))
-    gpus = [
-        g(i, draw(st.floats(200.0, 700.0)), draw(reading), draw(reading)) for i in range(n)
-    ]
-    targets = {
-        i: draw(st.floats(200.0, 700.0))
-        for i in range(n)
-        if draw(st.booleans()) or i == 0
-    }
+    gpus = [g(i, draw(st.floats(200.0, 700.0)), draw(reading), draw(reading)) for i in range(n)]
+    targets = {i: draw(st.floats(200.0, 700.0)) for i in range(n) if draw(st.booleans()) or i == 0}
     return gpus, targets, draw(st.floats(0.0, 8 * 700.0))
 
 
