@@ -7,9 +7,10 @@ Rules of this file (everything that decides a limit lives here; safety.py has th
   beforehand and nothing is told which GPU or model it runs.
 - Per server, the SLO comes first: a missed SLO raises the cap at once (to the lowest cap the
   model has seen safe at this load, or by a large step); thin headroom raises it a step. Load
-  steps are met by feed-forward: when the queue or the concurrency jumps, the cap rises before
-  the latency quantiles (which lag by the measurement window) show it, and once the concurrency
-  is back where it was the raise is taken back at once. Headroom that falls fast (a prefill
+  steps are met by feed-forward: when the queue or the concurrency jumps further than the
+  headroom can absorb, the cap rises before the latency quantiles (which lag by the measurement
+  window) show it, in proportion to the projected shortfall, and once the concurrency is back
+  where it was the raise is taken back at once. Headroom that falls fast (a prefill
   wave stalling the decode steps) raises the cap before the window shows a miss.
 - Otherwise the cap climbs the efficiency curve: a cap is judged only after it has held for a
   whole measurement window (`dwell_s`); an unmeasured neighbour (one step down when headroom is
@@ -141,6 +142,9 @@ class _ServerState:
     prefill: float | None = None  # smoothed prompt tokens per generated token
     ref_prefill: float | None = None  # its slow average, reset when the cap is set
     load: float | None = None  # smoothed concurrency (running + waiting)
+    # ... and averaged over the latency window: the load the windowed headroom reflects
+    window_load: float | None = None
+    seen_s: float | None = None  # the last tick
     ff_from_w: float | None = None  # the cap before a load feed-forward raised it ...
     ff_base_load: float | None = None  # ... and the concurrency it had been set for
     recent_worst: list[tuple[float, float]] = field(default_factory=list)  # (now_s, headroom)
@@ -180,6 +184,15 @@ def _prefill_intensity(prompt_tokens_per_s: float, generation_tokens_per_s: floa
     if prompt_tokens_per_s <= 0.0 or generation_tokens_per_s <= 0.0:
         return None
     return prompt_tokens_per_s / generation_tokens_per_s
+
+
+def _projected_shortfall(worst: float | None, jump: float, low_margin: float) -> float:
+    """How far (a share) a load jump would take the latency beyond 1 - low_margin of its
+    target, were it to grow in proportion to the concurrency; with no latency measured, the
+    jump itself."""
+    if worst is None:
+        return jump
+    return (1.0 - worst) * (1.0 + jump) / (1.0 - low_margin) - 1.0
 
 
 class JointController:
@@ -293,6 +306,11 @@ class JointController:
         now_load = sig.running + sig.waiting
         st.load = now_load if st.load is None else st.load + 0.25 * (now_load - st.load)
         load = st.load
+        dt = 0.0 if st.seen_s is None else max(0.0, now_s - st.seen_s)
+        st.seen_s = now_s
+        wl = st.window_load
+        st.window_load = load if wl is None else wl + min(1.0, dt / p.dwell_s) * (load - wl)
+        window_jump = load / max(st.window_load, 1.0) - 1.0
         if worst is not None and held >= p.dwell_s and server_w is not None:
             # The whole window was served at this cap: its tokens/s and power belong to it.
             st.model.observe(now_s, cap, rps, sig.generation_tokens_per_s, server_w, worst)
@@ -310,15 +328,23 @@ class JointController:
         answers = False  # a raise for the latency or the mix (not a search step)
         load_step = False  # ... by the load feed-forward (undone when the load falls back)
         probe_up = False  # a search probe of an unmeasured higher cap
-        # Feed-forward only when the jump is larger than the headroom could absorb: latency
-        # grows with concurrency at best in proportion, so a relative jump below the relative
-        # headroom is served without a raise.
+        # Feed-forward on a step of the concurrency since the cap was set, only when it is
+        # larger than the headroom could absorb. A decode step's time grows with the batch at
+        # most in proportion, so a load that leaves the projected latency, (1 - headroom) x
+        # (load / the load the window's headroom was measured at) of the target, within
+        # 1 - low_margin is served without a raise, and a larger one raises in proportion to
+        # the projected shortfall, not to the jump (a raise to the maximum for every burst
+        # the headroom absorbs is what cost the eight-server presets their efficiency). A
+        # burst's own prefills can stall the steps beyond that; the headroom-falling rule
+        # answers them within a second or two.
         jump = 0.0 if st.ref_load is None else load / max(st.ref_load, 1.0) - 1.0
+        shortfall = _projected_shortfall(worst, window_jump, p.low_margin)
         ff_jump = (
             st.ref_load is not None
             and load - st.ref_load >= p.ff_min_requests
             and jump > p.ff_jump
-            and (worst is None or jump > worst)
+            and shortfall > 0.0
+            and now_load >= load  # still there, not a burst already passing
         )
         # The same for the request mix: the windowed prompt and generation rates move within
         # a few seconds of a shift to long prompts, before the ITL quantile does.
@@ -392,7 +418,7 @@ class JointController:
             rise = min(
                 1.0,
                 max(
-                    p.ff_gain * (load / max(ref, 1.0) - 1.0),
+                    p.ff_gain * shortfall,
                     p.ff_prefill_gain * prefill_jump if ff_prefill_now else 0.0,
                     0.0,
                 ),

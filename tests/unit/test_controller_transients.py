@@ -51,25 +51,57 @@ def _settled(params: JointParams | None = None) -> _Loop:
 def test_a_load_step_raise_is_taken_back_once_the_burst_has_passed():
     loop = _settled(JointParams(high_margin=0.5))
     before = loop.limit_w
-    burst = _sig(running=240)
+    burst = _sig(running=480)
     said = loop.run(burst, 3.0)
     assert any("feed-forward" in r for r in said), said
     raised = loop.limit_w
-    assert raised > before + 50.0
-    # The burst is over and the latency has ample room again: the cap goes straight back,
-    # not down one search step per 10 s window.
-    said = loop.run(CALM, 4.0)
+    assert raised >= before + JointParams().cap_step_up_w
+    # The burst is over and the latency has ample room again: the cap goes straight back
+    # once the smoothed concurrency has come down (a few seconds), not down one search step
+    # per 10 s window.
+    said = loop.run(CALM, 6.0)
     assert any("feed-forward undone" in r for r in said), said
     assert loop.limit_w == before
+
+
+def test_a_load_step_the_headroom_absorbs_raises_nothing():
+    # Twice the concurrency at 55% ITL headroom: were the latency to grow in proportion, it
+    # would reach 90% of its target, inside it. The thin-headroom rule answers if it comes
+    # to that; a feed-forward raise here would only spend power on a burst that fits.
+    loop = _settled(JointParams(high_margin=0.5))
+    before = loop.limit_w
+    said = loop.run(_sig(running=240), 5.0)
+    assert not any("feed-forward" in r for r in said), said
+    assert loop.limit_w == before
+
+
+def test_a_larger_load_step_raises_more():
+    raised = []
+    for running in (480, 960):
+        loop = _settled(JointParams(high_margin=0.5))
+        before = loop.limit_w
+        said = loop.run(_sig(running=running), 5.0)
+        assert any("load step" in r for r in said), said
+        raised.append(loop.limit_w - before)
+    assert 0 < raised[0] < raised[1], raised
+
+
+def test_no_load_step_while_the_concurrency_is_falling():
+    # The cap was set during a burst's rise; as the burst passes, the smoothed concurrency is
+    # still above that reference for a while, but it is falling: no raise for it.
+    loop = _settled(JointParams(high_margin=0.5))
+    loop.run(_sig(running=480), 1.0)
+    said = loop.run(CALM, 6.0)
+    assert not any("load step" in r for r in said), said
 
 
 def test_a_raise_the_latency_asked_for_is_not_taken_back():
     loop = _settled(JointParams(high_margin=0.5))
     before = loop.limit_w
-    loop.run(_sig(running=240), 5.0)
+    loop.run(_sig(running=480), 5.0)
     # During the burst the ITL misses its target: the SLO raised the cap on top of the
     # feed-forward, so the pre-burst cap is no longer known to be enough.
-    loop.run(_sig(running=240, itl_s=0.12), 3.5)
+    loop.run(_sig(running=480, itl_s=0.12), 3.5)
     missed_at = loop.limit_w
     said = loop.run(CALM, 4.0)
     assert not any("feed-forward undone" in r for r in said), said
@@ -80,7 +112,7 @@ def test_a_raise_the_latency_asked_for_is_not_taken_back():
 def test_no_undo_while_the_latency_headroom_is_not_ample():
     loop = _settled(JointParams(high_margin=0.5))
     before = loop.limit_w
-    loop.run(_sig(running=240), 5.0)
+    loop.run(_sig(running=480), 5.0)
     # Load back, but ITL at 60 ms: 40% headroom, below the 50% a lowering needs.
     said = loop.run(_sig(itl_s=0.06), 4.0)
     assert not any("feed-forward undone" in r for r in said), said
