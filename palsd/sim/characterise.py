@@ -81,6 +81,7 @@ def serve(
         seed=seed,
         max_num_seqs=max(256, batch),
         initial_batch_limit=batch,
+        metrics_page=False,
     )
     if cap_w is not None:
         for i in range(tp):

@@ -52,6 +52,7 @@ class TwinHost:
         history_s: float = 900.0,
         epoch_s: float = 0.0,
         keep_records: bool = True,
+        metrics_page: bool = True,
     ) -> None:
         if gpu not in GPU_PRESETS:
             raise ValueError(f"unknown gpu {gpu!r}; choose one of {sorted(GPU_PRESETS)}")
@@ -92,6 +93,7 @@ class TwinHost:
                 max_batched_tokens,
                 history_s,
                 keep_records,
+                metrics_page,
             )
             self._servers.append(sim)
             self.servers.append(ServerInfo(k, sim.name, indices, max_num_seqs, mspec.name))
@@ -115,7 +117,8 @@ class TwinHost:
         now_s = self.now_s
         t_end = now_s + q
         for srv, group, snaps in zip(self._servers, self._groups, self._snapshots, strict=True):
-            clock = min([g.clock_mhz for g in group])  # TP ranks wait for the slowest
+            # TP ranks wait for the slowest
+            clock = group[0].clock_mhz if len(group) == 1 else min([g.clock_mhz for g in group])
             busy, mem_s, comp_s = srv.run_until(t_end, clock, now_s)
             u_mem = mem_s / busy if busy > 0 else 0.0
             u_comp = comp_s / busy if busy > 0 else 0.0
@@ -183,6 +186,8 @@ class TwinHost:
 
     def metrics_text(self, server: int) -> str:
         s = self._server(server)
+        if not s.metrics_page:
+            raise RuntimeError("this host was built without a /metrics page (metrics_page=False)")
         return render_metrics(s, self.model_spec.name, self.epoch_s)
 
     def scrape(self, server: int) -> dict[tuple[str, str], Any]:

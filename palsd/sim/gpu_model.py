@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from palsd.core.types import GpuObservation
 
 OVERLAP_P = 3.0  # a step's time: (mem_s^p + comp_s^p)^(1/p); fitted on the H200 decode sweep
+_INV_P = 1.0 / OVERLAP_P
 
 
 def step_time_s(mem_s: float, comp_s: float) -> float:
@@ -43,7 +44,7 @@ def step_time_s(mem_s: float, comp_s: float) -> float:
         return mem_s + comp_s
     big, small = (mem_s, comp_s) if mem_s >= comp_s else (comp_s, mem_s)
     r = small / big
-    return big * (1.0 + r * r * r) ** (1.0 / OVERLAP_P)
+    return big * (1.0 + r * r * r) ** _INV_P
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,9 @@ class GpuState:
         self.power_instant_w = spec.idle_w(spec.max_clock_mhz)
         self.energy_j = 0.0
         self._bins: deque[float] = deque([self.power_instant_w] * AVG_BINS, maxlen=AVG_BINS)
+        # the bins' mean, kept as they change (once per bin): read every quantum by the cap loop
+        # and the runner, it would otherwise be summed again at each read
+        self._avg_w = sum(self._bins) / len(self._bins)
         self._bin_energy_j = 0.0
         self._bin_elapsed_s = 0.0
         self._idle_run_s = IDLE_HOLD_S  # starts idle
@@ -276,7 +280,7 @@ class GpuState:
 
     @property
     def power_avg_w(self) -> float:
-        return sum(self._bins) / len(self._bins)
+        return self._avg_w
 
     def set_power_limit_w(self, watts: float) -> None:
         spec = self.spec
@@ -320,12 +324,17 @@ class GpuState:
         held = self._idle_run_s < IDLE_HOLD_S
         idle_w = self._idle_w if held else self._idle_max_w
         energy = p_busy * busy_s + idle_w * idle_s
+        power_w = energy / dt_s
         self.energy_j += energy
-        self.power_instant_w = energy / dt_s
+        self.power_instant_w = power_w
         self.current_clock_mhz = clock_mhz if busy or held else spec.max_clock_mhz
-        self._feed_bins(energy / dt_s, dt_s)
+        self._feed_bins(power_w, dt_s)
+        if power_w <= self.power_limit_w * spec.cap_target_frac and (
+            self.clock_mhz >= spec.max_clock_mhz
+        ):
+            return  # the usual case with headroom: the cap loop has nothing to steer
         duty = min(1.0, busy_s / dt_s) if busy else 0.0
-        self._regulate(dt_s, energy / dt_s, bytes_per_s * duty, flops_per_s * duty)
+        self._regulate(dt_s, power_w, bytes_per_s * duty, flops_per_s * duty)
 
     def _feed_bins(self, power_w: float, dt_s: float) -> None:
         while dt_s > 1e-12:
@@ -335,6 +344,7 @@ class GpuState:
             dt_s -= take
             if self._bin_elapsed_s >= BIN_S - 1e-9:
                 self._bins.append(self._bin_energy_j / self._bin_elapsed_s)
+                self._avg_w = sum(self._bins) / len(self._bins)
                 self._bin_energy_j = 0.0
                 self._bin_elapsed_s = 0.0
 
@@ -348,7 +358,7 @@ class GpuState:
         f = self.clock_mhz
         target = self.power_limit_w * spec.cap_target_frac
         if power_w <= target and f >= spec.max_clock_mhz:
-            return  # the usual case with headroom: nothing to steer
+            return  # nothing to steer (account() skips the call then)
         # what the firmware holds is the 1 s average: while it is over, aim the next 100 ms
         # under the limit by as much (the integral action that removes a standing overshoot)
         target -= max(0.0, self.power_avg_w - target)

@@ -3,8 +3,7 @@ time-stamped samples over a retention horizon for windowed signals and SLO accou
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import deque
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 TTFT_BUCKETS = (
@@ -166,27 +165,27 @@ def weighted_quantile(samples: list[tuple[float, float]], q: float) -> float | N
 
 
 class TimedSamples:
-    """(t, value, weight) samples kept for `horizon_s`; queried by time window."""
+    """(t, value, weight) samples kept for `horizon_s`; queried by time window. Samples are
+    added in time order (a server's clock only moves forward), so a window is found by
+    bisection instead of a walk over every sample in it."""
 
-    __slots__ = ("_items", "horizon_s")
+    __slots__ = ("_samples", "_times", "horizon_s")
 
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
-        self._items: deque[tuple[float, float, float]] = deque()
+        self._times: list[float] = []
+        self._samples: list[tuple[float, float]] = []  # (value, weight), as _times
 
     def add(self, t_s: float, value: float, weight: float = 1.0) -> None:
-        items = self._items
-        items.append((t_s, value, weight))
-        if items[0][0] < t_s - self.horizon_s - 60.0:  # prune in batches, not on every add
-            cutoff = t_s - self.horizon_s
-            while items and items[0][0] < cutoff:
-                items.popleft()
+        times = self._times
+        times.append(t_s)
+        self._samples.append((value, weight))
+        if times[0] < t_s - self.horizon_s - 60.0:  # prune in batches, not on every add
+            old = bisect_left(times, t_s - self.horizon_s)
+            del times[:old]
+            del self._samples[:old]
 
     def window(self, t0_s: float, t1_s: float) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
-        for t, v, w in reversed(self._items):
-            if t < t0_s:
-                break
-            if t <= t1_s:
-                out.append((v, w))
-        return out
+        """(value, weight) of the samples with t0_s <= t <= t1_s, oldest first."""
+        times = self._times
+        return self._samples[bisect_left(times, t0_s) : bisect_right(times, t1_s)]

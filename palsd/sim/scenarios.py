@@ -291,6 +291,7 @@ def capacity_per_s(
         max_num_seqs=VLLM_DEFAULT_BATCH,
         initial_batch_limit=batch,
         tp=tp,
+        metrics_page=False,
     )
     if cap_w is not None:
         for i in range(tp):
@@ -381,7 +382,10 @@ def build_host(
     seed: int,
     gpu: str = "h100",
     duration_s: float = 3600.0,
+    metrics_page: bool = True,
 ) -> TwinHost:
+    """The scenario's 8-GPU host; `metrics_page` False when nothing will render /metrics
+    (the runner reads scrapes: the page-only histograms would cost ~5% of a run)."""
     n_servers = N_GPUS // setup.tp
     return TwinHost(
         gpu=gpu,
@@ -392,6 +396,7 @@ def build_host(
         max_num_seqs=setup.max_num_seqs,
         initial_batch_limit=setup.max_num_seqs,
         tp=setup.tp,
+        metrics_page=metrics_page,
     )
 
 

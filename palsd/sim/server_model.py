@@ -50,7 +50,7 @@ class Req:
         self.seq = seq
         self.arrival_s = arrival_s
         self.prompt = prompt
-        self.output = max(1, output)
+        self.output = output if output > 1 else 1
         self.generated = 0
         self.prefill_left = prompt
         self.ctx = 0  # tokens held in the KV cache
@@ -75,6 +75,7 @@ class ServerSim:
         max_batched_tokens: int = 8192,
         history_s: float = 900.0,
         keep_records: bool = True,
+        metrics_page: bool = True,
     ) -> None:
         self.index = index
         self.name = name
@@ -120,6 +121,10 @@ class ServerSim:
         self.itl_samples = TimedSamples(history_s)
         self.e2e_samples = TimedSamples(history_s)
         self.keep_records = keep_records
+        # The histograms only the /metrics page shows (queue, inference, prefill, decode and
+        # per-output-token times, token counts, tokens per iteration): kept unless the host is
+        # built without a page (the virtual-time runner reads the scrape, which has none of them).
+        self.metrics_page = metrics_page
         self.finished_total = 0
         # finished requests as RequestRecord's fields (a record is built when read: building
         # a frozen dataclass per request cost more than the rest of finishing it)
@@ -150,14 +155,15 @@ class ServerSim:
         stream = self._stream
         waiting = self.waiting
         t = self.t
-        while len(waiting) < MAX_WAITING and stream.peek(t) is not None:
-            nxt = stream.pop()
+        while len(waiting) < MAX_WAITING and (nxt := stream.peek(t)) is not None:
+            stream.pop()
             self._seq += 1
             waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens, nxt.output_tokens))
 
     def _admit(self) -> None:
         prefilling = self.prefilling
-        room = self.kv_capacity - self.kv_used - sum([r.prefill_left for r in prefilling])
+        kv_used = self._ctx_base + self.n_dec * self.g + self.kv_prefill
+        room = self.kv_capacity - kv_used - sum([r.prefill_left for r in prefilling])
         waiting = self.waiting
         running = self.n_dec + len(prefilling)
         limit = self.limit
@@ -170,7 +176,8 @@ class ServerSim:
             waiting.popleft()
             req.prefill_left = need
             req.ctx = 0
-            self._admit_s.setdefault(req.seq, self.t)
+            if self.metrics_page:
+                self._admit_s.setdefault(req.seq, self.t)
             prefilling.append(req)
             running += 1
             room -= need
@@ -200,17 +207,32 @@ class ServerSim:
 
     def _finish(self, req: Req, t_s: float) -> None:
         arrival_s = req.arrival_s
-        first_s = req.first_token_s
-        output = req.output
-        admit_s = self._admit_s.pop(req.seq, arrival_s)
         self.finished_total += 1
         if self.keep_records:
             self.finished.append(
-                (self.index, arrival_s, first_s, t_s, req.prompt, output, req.preemptions)
+                (
+                    self.index,
+                    arrival_s,
+                    req.first_token_s,
+                    t_s,
+                    req.prompt,
+                    req.output,
+                    req.preemptions,
+                )
             )
         self.success_total["length"] += 1
         e2e_s = t_s - arrival_s  # RequestRecord.e2e_s
         self.h_e2e.observe(e2e_s)
+        self.e2e_samples.add(t_s, e2e_s)
+        if self.metrics_page:
+            self._observe_page(req, t_s)
+
+    def _observe_page(self, req: Req, t_s: float) -> None:
+        """A finished request's times and tokens in the histograms only the page shows."""
+        arrival_s = req.arrival_s
+        first_s = req.first_token_s
+        output = req.output
+        admit_s = self._admit_s.pop(req.seq, arrival_s)
         self.h_queue.observe(admit_s - arrival_s)
         self.h_inference.observe(t_s - admit_s)
         self.h_prefill.observe(first_s - admit_s)
@@ -218,7 +240,6 @@ class ServerSim:
         self.h_gen_tokens.observe(output)
         if output > 1:
             self.h_tpot.observe((t_s - first_s) / (output - 1))  # RequestRecord.tpot_s
-        self.e2e_samples.add(t_s, e2e_s)
 
     def _preempt_newest(self) -> None:
         while self._order:
@@ -257,15 +278,17 @@ class ServerSim:
         waiting = self.waiting
         heap = self._heap
         h_itl_observe = self.h_itl.observe
+        page = self.metrics_page
         h_iter_observe = self.h_iter_tokens.observe
         itl_add = self.itl_samples.add
         ceil = math.ceil
+        heappop = heapq.heappop
         while self.t < t_end:
             if len(waiting) < MAX_WAITING and stream.peek(self.t) is not None:
                 self._pull_arrivals()
-            if waiting:
-                self._admit()
             n = self.n_dec
+            if waiting and n + len(self.prefilling) < self.limit:
+                self._admit()
             if self.prefilling:
                 t_iter, mem_s, comp_s = self._prefill_iteration()
                 busy += t_iter
@@ -307,10 +330,11 @@ class ServerSim:
             mem += k * mem_s
             comp += k * comp_s
             h_itl_observe(t_iter, tokens)
-            h_iter_observe(n, k)
+            if page:
+                h_iter_observe(n, k)
             itl_add(self.t, t_iter, tokens)
             while heap and heap[0][0] <= g:
-                fg, _, req = heapq.heappop(heap)
+                fg, _, req = heappop(heap)
                 if req.live and req.finish_g == fg:
                     self._leave_decode(req)
                     self._finish(req, t0 + (fg - (g - k)) * t_iter)
@@ -318,56 +342,62 @@ class ServerSim:
 
     def _prefill_iteration(self) -> tuple[float, float, float]:
         """One iteration with prefill chunks (and the decoding requests); its GPU work."""
-        budget = self.max_batched_tokens - self.n_dec
+        n = self.n_dec
+        budget = self.max_batched_tokens - n
         chunk_tokens = 0
         attend = 0.0
         chunks: list[tuple[Req, int]] = []
         for req in self.prefilling:
             if budget <= 0:
                 break
-            c = min(req.prefill_left, budget)
+            c = req.prefill_left if req.prefill_left < budget else budget
             chunks.append((req, c))
             attend += c * (req.ctx + c / 2)
             chunk_tokens += c
             budget -= c
-        n = self.n_dec
         ctx = self._ctx_base + n * self.g
         t_iter, mem_s, comp_s = self._cost.cost(n, ctx, chunk_tokens, attend)
-        self.t += t_iter
-        self.g += 1
-        self.h_iter_tokens.observe(n + chunk_tokens)
+        t = self.t + t_iter
+        self.t = t
+        g = self.g + 1
+        self.g = g
+        if self.metrics_page:
+            self.h_iter_tokens.observe(n + chunk_tokens)
         if n:
             self.generation_tokens_total += n
             self.h_itl.observe(t_iter, n)
-            self.itl_samples.add(self.t, t_iter, n)
+            self.itl_samples.add(t, t_iter, n)
+        done: list[Req] = []
         for req, c in chunks:
             req.prefill_left -= c
             req.ctx += c
-            self.kv_prefill += c
+            if not req.prefill_left:
+                done.append(req)
+        self.kv_prefill += chunk_tokens
         heap = self._heap
-        while heap and heap[0][0] <= self.g:
+        while heap and heap[0][0] <= g:
             fg, _, req = heapq.heappop(heap)
             if req.live and req.finish_g == fg:
                 self._leave_decode(req)
-                self._finish(req, self.t)
-        done = [req for req, _ in chunks if req.prefill_left == 0]
+                self._finish(req, t)
         if not done:
             return t_iter, mem_s, comp_s
         self.prefilling = [r for r in self.prefilling if r.prefill_left > 0]
         for req in done:
             self.kv_prefill -= req.ctx
             if req.first_token_s < 0:
-                req.first_token_s = self.t
-                ttft = self.t - req.arrival_s
+                req.first_token_s = t
+                ttft = t - req.arrival_s
                 self.h_ttft.observe(ttft)
-                self.ttft_samples.add(self.t, ttft)
+                self.ttft_samples.add(t, ttft)
                 self.prompt_tokens_total += req.prompt
-                self.h_prompt_tokens.observe(req.prompt)
+                if self.metrics_page:
+                    self.h_prompt_tokens.observe(req.prompt)
             req.generated += 1  # the prefill iteration samples one token
             self.generation_tokens_total += 1
             req.ctx += 1
             if req.generated >= req.output:
-                self._finish(req, self.t)
+                self._finish(req, t)
             else:
                 self._enter_decode(req)
         return t_iter, mem_s, comp_s

@@ -235,7 +235,7 @@ def run_policy(
     setup = MODELS[model]
     scenario = scenario or build_scenario(scenario_name, seed)
     duration_s = hours * 3600.0
-    host = build_host(setup, scenario, seed, gpu, duration_s)
+    host = build_host(setup, scenario, seed, gpu, duration_s, metrics_page=False)
     ctrl = make_policy(policy)
     blind = is_blind(ctrl)
     sensor = _Sensor(host, setup, seed, blind)
@@ -293,7 +293,7 @@ def run_policy(
                 res.low_phase_ticks += 1
                 if decision.mode in ("budget-bound", "infeasible"):
                     res.low_phase_bound_ticks += 1
-            current = {g.index: g.power_limit_w for g in host.gpu_readings()}
+            current = {g.index: g.power_limit_w for g in obs.gpus}  # limits are not noised
             for index, limit_w in order_writes(current, decision.power_limits_w):
                 host.set_power_limit_w(index, limit_w)
             for srv in obs.servers:
@@ -371,7 +371,7 @@ def fixed_pair_of(
     if not is_blind(ctrl):
         return None
     setup = MODELS[model]
-    host = build_host(setup, scenario, seed, gpu, duration_s)
+    host = build_host(setup, scenario, seed, gpu, duration_s, metrics_page=False)
     sensor = _Sensor(host, setup, seed, True)
     decided = []
     for t_s in [0.0, *(s * duration_s for s, _ in scenario.budget.steps)]:

@@ -8,6 +8,7 @@ server (see docs/simhost.md); counters carry `_total`, and every counter and his
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 from palsd.sense.vllm_metrics import EngineKey, EngineSample
 from palsd.sense.vllm_metrics import Histogram as ScrapedHistogram
@@ -28,14 +29,10 @@ def _labels(model_name: str, extra: dict[str, str] | None = None) -> str:
 
 
 def _scraped(h: Histogram) -> ScrapedHistogram:
-    acc = 0.0
-    buckets = []
-    for bound, count in zip(h.bounds, h.counts, strict=False):
-        acc += count
-        buckets.append((bound, acc))
-    acc += h.counts[-1]
-    buckets.append((math.inf, acc))
-    return ScrapedHistogram(buckets=tuple(buckets), count=acc, sum_s=h.sum)
+    # cumulative counts, summed left to right as the page's buckets are (the last: +Inf)
+    cumulative = list(accumulate(h.counts))
+    buckets = tuple(zip((*h.bounds, math.inf), cumulative, strict=True))
+    return ScrapedHistogram(buckets=buckets, count=cumulative[-1], sum_s=h.sum)
 
 
 def engine_samples(server: ServerSim, model_name: str) -> dict[EngineKey, EngineSample]:

@@ -11,13 +11,16 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import cached_property
+from typing import NamedTuple, Protocol
 
 RateFn = Callable[[float], float]  # requests/s per server as a function of virtual time (s)
 
 
-@dataclass(frozen=True)
-class Arrival:
+class Arrival(NamedTuple):
+    """One request's arrival (a named tuple: one is made per request, a frozen dataclass costs
+    several times as much to build)."""
+
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
@@ -32,9 +35,14 @@ class LengthDist:
     lo: int
     hi: int
 
+    @cached_property
+    def mu(self) -> float:
+        """log(median), worked out once: draw() runs twice per request."""
+        return math.log(self.median)
+
     def draw(self, rng: random.Random) -> int:
         # rng.lognormvariate(mu, sigma) is exp(rng.normalvariate(mu, sigma)): the same draw
-        value = round(math.exp(rng.normalvariate(math.log(self.median), self.sigma)))
+        value = round(math.exp(rng.normalvariate(self.mu, self.sigma)))
         return int(self.hi if value > self.hi else (self.lo if value < self.lo else value))
 
 
