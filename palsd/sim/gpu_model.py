@@ -353,12 +353,11 @@ class GpuState:
     ) -> None:
         """The firmware's cap loop: steer the clock toward the one at which the averaged power,
         at this quantum's work rates, meets the limit. Power is linear in the rates, so the
-        gaps between steps are accounted for by passing duty-averaged rates."""
+        gaps between steps are accounted for by passing duty-averaged rates. Called by
+        account() only when there is something to steer (over target, or a lowered clock)."""
         spec = self.spec
         f = self.clock_mhz
         target = self.power_limit_w * spec.cap_target_frac
-        if power_w <= target and f >= spec.max_clock_mhz:
-            return  # nothing to steer (account() skips the call then)
         # what the firmware holds is the 1 s average: while it is over, aim the next 100 ms
         # under the limit by as much (the integral action that removes a standing overshoot)
         target -= max(0.0, self.power_avg_w - target)

@@ -87,10 +87,12 @@ def test_a_larger_load_step_raises_more():
 
 
 def test_no_load_step_while_the_concurrency_is_falling():
-    # The cap was set during a burst's rise; as the burst passes, the smoothed concurrency is
-    # still above that reference for a while, but it is falling: no raise for it.
+    # The burst's feed-forward set the cap (and its reference) early in the rise; as the
+    # burst passes, the smoothed concurrency stays above that reference for a few seconds,
+    # but it is falling: no raise for it (without the rule: 325 -> 364 W at the first tick).
     loop = _settled(JointParams(high_margin=0.5))
-    loop.run(_sig(running=480), 1.0)
+    said = loop.run(_sig(running=480), 3.0)
+    assert any("load step" in r for r in said), said
     said = loop.run(CALM, 6.0)
     assert not any("load step" in r for r in said), said
 
