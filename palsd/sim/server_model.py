@@ -162,8 +162,7 @@ class ServerSim:
 
     def _admit(self) -> None:
         prefilling = self.prefilling
-        kv_used = self._ctx_base + self.n_dec * self.g + self.kv_prefill
-        room = self.kv_capacity - kv_used - sum([r.prefill_left for r in prefilling])
+        room = self.kv_capacity - self.kv_used - sum([r.prefill_left for r in prefilling])
         waiting = self.waiting
         running = self.n_dec + len(prefilling)
         limit = self.limit
