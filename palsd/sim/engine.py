@@ -147,7 +147,7 @@ class TwinHost:
         self._gpus[index].set_power_limit_w(watts)
 
     def energy_j_total(self) -> float:
-        return sum(g.energy_j for g in self._gpus)
+        return sum([g.energy_j for g in self._gpus])
 
     def power_totals_w(self) -> tuple[float, float, float]:
         """The sums over the GPUs of what `gpu_readings` reports as the 1 s average power, the

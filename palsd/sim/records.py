@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 
 TTFT_BUCKETS = (
     0.001,
@@ -140,21 +141,23 @@ class RequestRecord:
 def weighted_quantiles(
     samples: list[tuple[float, float]], qs: tuple[float, ...]
 ) -> list[float | None]:
-    """The qs-quantiles (ascending) of (value, weight) samples, with one sort."""
+    """The qs-quantiles (ascending) of (value, weight >= 0) samples, with one sort: for each q
+    the first sample, in value order, at which the running weight reaches q of the total."""
     if not samples:
         return [None] * len(qs)
     ordered = sorted(samples)
-    total = sum(w for _, w in ordered)
+    weights = [w for _, w in ordered]
+    total = sum(weights)
     if total <= 0:
         return [None] * len(qs)
+    # The running sums, added left to right as a walk over the samples would, searched by
+    # bisection (they never fall: weights are >= 0) instead of walked.
+    running = list(accumulate(weights))
+    last = len(ordered) - 1
     out: list[float | None] = []
-    acc = 0.0
     i = 0
     for q in qs:
-        target = q * total
-        while i < len(ordered) - 1 and acc + ordered[i][1] < target:
-            acc += ordered[i][1]
-            i += 1
+        i = bisect_left(running, q * total, i, last)
         out.append(ordered[i][0])
     return out
 

@@ -39,6 +39,7 @@ from palsd.sim.workload import (
     BurstyWorkload,
     MixedWorkload,
     PoissonWorkload,
+    RecordedWorkload,
 )
 
 N_GPUS = 8
@@ -330,13 +331,20 @@ class _Shape:
         return rate
 
 
+@dataclass(frozen=True)
+class _LongShare:
+    """The long-prompt share at a time of the run (a value, not a closure, so that two builds
+    of one scenario give equal workloads: see build_host)."""
+
+    trace: Trace | None
+    duration_s: float
+
+    def __call__(self, t_s: float) -> float:
+        return 0.0 if self.trace is None else (self.trace.at(t_s, self.duration_s) or 0.0)
+
+
 def long_share_fn(scenario: Scenario, duration_s: float) -> Any:
-    trace = scenario.long_share
-
-    def share(t_s: float) -> float:
-        return 0.0 if trace is None else (trace.at(t_s, duration_s) or 0.0)
-
-    return share
+    return _LongShare(scenario.long_share, duration_s)
 
 
 def server_workloads(
@@ -376,6 +384,12 @@ def server_workloads(
     return PerServerWorkload(tuple(out))
 
 
+@functools.lru_cache(maxsize=2)
+def _recorded(workload: PerServerWorkload) -> RecordedWorkload:
+    """One recording per workload recipe (equal recipes share it), the last two kept."""
+    return RecordedWorkload(workload)
+
+
 def build_host(
     setup: ModelSetup,
     scenario: Scenario,
@@ -385,13 +399,16 @@ def build_host(
     metrics_page: bool = True,
 ) -> TwinHost:
     """The scenario's 8-GPU host; `metrics_page` False when nothing will render /metrics
-    (the runner reads scrapes: the page-only histograms would cost ~5% of a run)."""
+    (the runner reads scrapes: the page-only histograms would cost ~5% of a run).
+
+    The arrivals are drawn once per process for a scenario, seed and duration and replayed
+    to every later host of it (RecordedWorkload): the runner builds one host per policy."""
     n_servers = N_GPUS // setup.tp
     return TwinHost(
         gpu=gpu,
         model=setup.model,
         n_gpus=N_GPUS,
-        workload=server_workloads(setup, scenario, n_servers, gpu, duration_s),
+        workload=_recorded(server_workloads(setup, scenario, n_servers, gpu, duration_s)),
         seed=seed,
         max_num_seqs=setup.max_num_seqs,
         initial_batch_limit=setup.max_num_seqs,

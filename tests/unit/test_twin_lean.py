@@ -1,6 +1,7 @@
 """The twin's shortcuts for the virtual-time runner change nothing it reads: a host without a
-/metrics page scrapes, signals and accounts exactly as one with it, and the bisected sample
-windows hold exactly the samples a walk over them would."""
+/metrics page scrapes, signals and accounts exactly as one with it, the bisected sample
+windows hold exactly the samples a walk over them would, their quantiles found by bisection are
+the ones the walk found, and replayed arrivals are the ones a fresh stream draws."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from collections import deque
 import pytest
 
 from palsd.sim.engine import TwinHost
-from palsd.sim.records import TimedSamples
-from palsd.sim.scenarios import PerServerWorkload
-from palsd.sim.workload import BurstyWorkload, PoissonWorkload
+from palsd.sim.records import TimedSamples, weighted_quantiles
+from palsd.sim.scenarios import MODELS, PerServerWorkload, build_host, build_scenario
+from palsd.sim.workload import (
+    Arrival,
+    ArrivalStream,
+    BurstyWorkload,
+    PoissonWorkload,
+    RecordedWorkload,
+)
 
 
 def _host(metrics_page: bool) -> TwinHost:
@@ -74,3 +81,72 @@ def test_a_window_of_timed_samples_is_the_samples_a_walk_finds() -> None:
         if rng.random() < 0.05:
             t0, t1 = t - rng.uniform(0.0, 120.0), t + rng.uniform(-2.0, 1.0)
             assert samples.window(t0, t1) == walked.window(t0, t1)[::-1]  # oldest first
+
+
+def _walked_quantiles(
+    samples: list[tuple[float, float]], qs: tuple[float, ...]
+) -> list[float | None]:
+    """The previous weighted_quantiles: a walk that adds the weights up as it goes."""
+    if not samples:
+        return [None] * len(qs)
+    ordered = sorted(samples)
+    total = sum(w for _, w in ordered)
+    if total <= 0:
+        return [None] * len(qs)
+    out: list[float | None] = []
+    acc = 0.0
+    i = 0
+    for q in qs:
+        target = q * total
+        while i < len(ordered) - 1 and acc + ordered[i][1] < target:
+            acc += ordered[i][1]
+            i += 1
+        out.append(ordered[i][0])
+    return out
+
+
+def test_weighted_quantiles_by_bisection_are_the_walks() -> None:
+    rng = random.Random(9)
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    for _ in range(3000):
+        n = rng.randint(0, 40)
+        values = [rng.choice((0.1, 0.2, rng.random())) for _ in range(n)]  # ties too
+        weights = [rng.choice((0.0, 1.0, float(rng.randint(1, 256)), rng.random())) for _ in values]
+        samples = list(zip(values, weights, strict=True))
+        assert weighted_quantiles(samples, qs) == _walked_quantiles(samples, qs)
+
+
+def _drain(stream: ArrivalStream, rng: random.Random, end_s: float) -> list[Arrival]:
+    """Every arrival up to end_s, asked for with random horizons (as a server's steps do)."""
+    out: list[Arrival] = []
+    t = 0.0
+    while t < end_s:
+        t = min(end_s, t + rng.choice((0.01, 0.1, 1.0, 7.0)))
+        while (nxt := stream.peek(t)) is not None:
+            assert stream.pop() is nxt
+            out.append(nxt)
+    return out
+
+
+def test_a_recorded_workload_replays_the_arrivals_a_fresh_stream_draws() -> None:
+    workload = PerServerWorkload((PoissonWorkload(12.0), BurstyWorkload(8.0, 20.0, 20.0, 5.0)))
+    recorded = RecordedWorkload(workload)
+    rng = random.Random(2)
+    for server in (0, 1):
+        fresh = _drain(workload.stream(server, 4), rng, 300.0)
+        first = recorded.stream(server, 4)
+        assert _drain(first, rng, 120.0) == [a for a in fresh if a.arrival_s <= 120.0]
+        # a second replay reads what the first recorded and draws the rest; the first goes on
+        assert _drain(recorded.stream(server, 4), rng, 300.0) == fresh
+        assert _drain(first, rng, 300.0) == [a for a in fresh if a.arrival_s > 120.0]
+    with pytest.raises(LookupError):
+        recorded.stream(0, 4).pop()
+
+
+def test_the_runner_builds_every_host_of_a_scenario_on_one_recording() -> None:
+    setup, scenario = MODELS["qwen-moe"], build_scenario("mixed", 1)
+    a, b = (build_host(setup, build_scenario("mixed", 1), 1, "h100", 600.0) for _ in range(2))
+    assert a.workload is b.workload  # equal recipes: the arrivals are drawn once
+    other_seed = build_host(setup, scenario, 2, "h100", 600.0)
+    assert other_seed.workload is a.workload  # the seed picks the streams within it
+    assert build_host(setup, scenario, 1, "h100", 300.0).workload is not a.workload
