@@ -188,8 +188,14 @@ def _hist_window(
     steps: Sequence[HistStep | None], oldest: Histogram | None, newest: Histogram | None
 ) -> Buckets | None:
     """_hist_increase of `steps`, the steps between every two consecutive scrapes from `oldest`
-    to `newest`: when all are exact, newest minus oldest (the same numbers, without the fold)."""
-    if oldest is not None and newest is not None and steps and all(s and s[2] for s in steps):
+    to `newest`: when all are exact, newest minus oldest (the same numbers, without the fold).
+    A single step is its own increase already."""
+    if (
+        len(steps) > 1
+        and oldest is not None
+        and newest is not None
+        and all(s and s[2] for s in steps)
+    ):
         return tuple(zip(newest.bounds, map(sub, newest.counts, oldest.counts), strict=True))
     return _hist_increase(steps)
 

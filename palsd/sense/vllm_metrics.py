@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from operator import itemgetter
 
 from palsd.errors import BadInput
 
@@ -123,24 +123,30 @@ class MetricsFormatError(BadInput):
 @dataclass(frozen=True)
 class Histogram:
     """Cumulative buckets as scraped: (upper bound from `le`, cumulative count), ascending,
-    the last bound +inf. `count` and `sum_s` come from `_count` and `_sum`."""
+    the last bound +inf. `count` and `sum_s` come from `_count` and `_sum`.
+
+    `bounds`, `counts` and `whole` are worked out from the buckets when it is made: every step
+    of every window compares them (made once here, not behind a cached_property's lock)."""
 
     buckets: tuple[tuple[float, float], ...]
     count: float
     sum_s: float
+    bounds: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    counts: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    # every count a whole number that a float holds exactly (sums of them never round)
+    whole: bool = field(init=False, repr=False, compare=False)
 
-    @cached_property  # compared at every step of every window: worked out once
-    def bounds(self) -> tuple[float, ...]:
-        return tuple(le for le, _ in self.buckets)
-
-    @cached_property
-    def counts(self) -> tuple[float, ...]:
-        return tuple(cum for _, cum in self.buckets)
-
-    @cached_property
-    def whole(self) -> bool:
-        """Every count a whole number that a float holds exactly (sums of them never round)."""
-        return all(float(c).is_integer() and abs(c) < 2**53 for c in self.counts)
+    def __post_init__(self) -> None:
+        counts = tuple(map(itemgetter(1), self.buckets))
+        whole = (
+            all(map(float.is_integer, map(float, counts)))
+            and min(counts, default=0.0) > -(2**53)
+            and max(counts, default=0.0) < 2**53
+        )
+        # derived fields of a frozen dataclass are set as its generated __init__ sets fields
+        object.__setattr__(self, "bounds", tuple(map(itemgetter(0), self.buckets)))
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "whole", whole)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from palsd.sense.signals import SignalWindow
-from palsd.sense.vllm_metrics import EngineSample, MetricsFormatError, parse_metrics
+from palsd.sense.vllm_metrics import EngineSample, Histogram, MetricsFormatError, parse_metrics
 
 TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5)
 ITL_BOUNDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
@@ -313,3 +313,28 @@ def test_a_malformed_line_of_a_read_family_is_rejected_naming_it(line: str, says
     with pytest.raises(MetricsFormatError, match=says) as err:
         parse_metrics(line + "\n")
     assert "vllm:num_requests_running" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        (),
+        (0.0, 3.0, 7.0),
+        (0, 3, 7),  # a hand-built histogram with ints
+        (-0.0, 1.0),
+        (1.0, 2.5),
+        (1.0, math.nan),
+        (1.0, math.inf),
+        (1.0, float(2**53 - 1)),
+        (1.0, float(2**53)),
+        (-float(2**53), 1.0),
+    ],
+)
+def test_a_histograms_parts_are_its_buckets_parts(counts: tuple[float, ...]) -> None:
+    bounds = (*(float(i) for i in range(len(counts) - 1)), math.inf) if counts else ()
+    h = Histogram(tuple(zip(bounds, counts, strict=True)), count=0.0, sum_s=0.0)
+    assert h.bounds == bounds
+    assert h.counts == counts
+    # whole: every count a whole number a float holds exactly
+    assert h.whole == all(float(c).is_integer() and abs(c) < 2**53 for c in counts)
+    assert h == Histogram(h.buckets, count=0.0, sum_s=0.0) and "whole" not in repr(h)
