@@ -401,5 +401,8 @@ def _solve_clock_mhz(
         v = a + (1.0 - a) * x
         g = rest + c * x * x * x + v * v * k1
         dg = 3.0 * c * x * x + 2.0 * (1.0 - a) * v * k1
-        x = min(1.0, max(x_lo, x - g / dg))
+        x_next = min(1.0, max(x_lo, x - g / dg))
+        if x_next == x:
+            break  # a fixed point: the steps left would only repeat it
+        x = x_next
     return x * fmax

@@ -6,6 +6,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import itemgetter
 
 TTFT_BUCKETS = (
     0.001,
@@ -141,11 +142,15 @@ class RequestRecord:
 def weighted_quantiles(
     samples: list[tuple[float, float]], qs: tuple[float, ...]
 ) -> list[float | None]:
-    """The qs-quantiles (ascending) of (value, weight >= 0) samples, with one sort: for each q
-    the first sample, in value order, at which the running weight reaches q of the total."""
+    """The qs-quantiles (ascending) of (value, weight) samples, with one sort: for each q the
+    first sample, in value order, at which the running weight reaches q of the total. Weights
+    are whole numbers >= 0 (token counts, 1 per request)."""
     if not samples:
         return [None] * len(qs)
-    ordered = sorted(samples)
+    # Sorted by value alone (floats compare several times faster than tuples). The order of
+    # equal values cannot matter: whole weights add up exactly in any order, so the running
+    # weight at the end of each run of equal values is the same.
+    ordered = sorted(samples, key=itemgetter(0))
     weights = [w for _, w in ordered]
     total = sum(weights)
     if total <= 0:

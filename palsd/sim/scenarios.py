@@ -397,9 +397,11 @@ def build_host(
     gpu: str = "h100",
     duration_s: float = 3600.0,
     metrics_page: bool = True,
+    keep_records: bool = True,
 ) -> TwinHost:
     """The scenario's 8-GPU host; `metrics_page` False when nothing will render /metrics
-    (the runner reads scrapes: the page-only histograms would cost ~5% of a run).
+    (the runner reads scrapes: the page-only histograms would cost ~5% of a run),
+    `keep_records` False when nothing reads the finished requests (the runner does not).
 
     The arrivals are drawn once per process for a scenario, seed and duration and replayed
     to every later host of it (RecordedWorkload): the runner builds one host per policy."""
@@ -414,6 +416,7 @@ def build_host(
         initial_batch_limit=setup.max_num_seqs,
         tp=setup.tp,
         metrics_page=metrics_page,
+        keep_records=keep_records,
     )
 
 

@@ -160,6 +160,11 @@ class ServerSim:
             self._seq += 1
             waiting.append(Req(self._seq, nxt.arrival_s, nxt.prompt_tokens, nxt.output_tokens))
 
+    def _next_arrival_s(self, until_s: float) -> float:
+        """When the next arrival comes if it comes by until_s, else inf."""
+        nxt = self._stream.peek(until_s)
+        return math.inf if nxt is None else nxt.arrival_s
+
     def _admit(self) -> None:
         prefilling = self.prefilling
         room = self.kv_capacity - self.kv_used - sum([r.prefill_left for r in prefilling])
@@ -273,7 +278,6 @@ class ServerSim:
         self, t_end: float, busy: float, mem: float, comp: float
     ) -> tuple[float, float, float]:
         cost = self._cost.cost
-        stream = self._stream
         waiting = self.waiting
         heap = self._heap
         h_itl_observe = self.h_itl.observe
@@ -282,9 +286,13 @@ class ServerSim:
         itl_add = self.itl_samples.add
         ceil = math.ceil
         heappop = heapq.heappop
+        # Within this call the stream is asked about nothing later than t_end, and only the
+        # pulls below take from it: one peek after each pull answers every check until the next.
+        next_s = self._next_arrival_s(t_end)
         while self.t < t_end:
-            if len(waiting) < MAX_WAITING and stream.peek(self.t) is not None:
+            if next_s <= self.t and len(waiting) < MAX_WAITING:
                 self._pull_arrivals()
+                next_s = self._next_arrival_s(t_end)
             n = self.n_dec
             if waiting and n + len(self.prefilling) < self.limit:
                 self._admit()
@@ -295,8 +303,7 @@ class ServerSim:
                 comp += comp_s
                 continue
             if n == 0:
-                nxt = None if waiting else stream.peek(t_end)
-                self.t = t_end if nxt is None else max(self.t, nxt.arrival_s)
+                self.t = t_end if waiting or next_s > t_end else max(self.t, next_s)
                 continue
             # a span of k pure-decode iterations
             g = self.g
@@ -311,11 +318,9 @@ class ServerSim:
                 kv_room // n,
                 max(1, ceil((t_end - self.t) / t_iter)),
             )
-            if not waiting and n < self.limit:  # running == n_dec here
+            if not waiting and n < self.limit and next_s <= t_end:  # running == n_dec here
                 # a new arrival could join at once: end the span there
-                nxt = stream.peek(t_end)
-                if nxt is not None:
-                    k = min(k, max(1, ceil((nxt.arrival_s - self.t) / t_iter)))
+                k = min(k, max(1, ceil((next_s - self.t) / t_iter)))
             k = max(1, k)
             if k > 8:  # contexts grow during the span: cost it at its middle
                 t_iter, mem_s, comp_s = cost(n, ctx + n * k / 2)

@@ -235,7 +235,9 @@ def run_policy(
     setup = MODELS[model]
     scenario = scenario or build_scenario(scenario_name, seed)
     duration_s = hours * 3600.0
-    host = build_host(setup, scenario, seed, gpu, duration_s, metrics_page=False)
+    host = build_host(
+        setup, scenario, seed, gpu, duration_s, metrics_page=False, keep_records=False
+    )
     ctrl = make_policy(policy)
     blind = is_blind(ctrl)
     sensor = _Sensor(host, setup, seed, blind)
@@ -371,7 +373,9 @@ def fixed_pair_of(
     if not is_blind(ctrl):
         return None
     setup = MODELS[model]
-    host = build_host(setup, scenario, seed, gpu, duration_s, metrics_page=False)
+    host = build_host(
+        setup, scenario, seed, gpu, duration_s, metrics_page=False, keep_records=False
+    )
     sensor = _Sensor(host, setup, seed, True)
     decided = []
     for t_s in [0.0, *(s * duration_s for s, _ in scenario.budget.steps)]:

@@ -86,7 +86,8 @@ def test_a_window_of_timed_samples_is_the_samples_a_walk_finds() -> None:
 def _walked_quantiles(
     samples: list[tuple[float, float]], qs: tuple[float, ...]
 ) -> list[float | None]:
-    """The previous weighted_quantiles: a walk that adds the weights up as it goes."""
+    """The previous weighted_quantiles: a walk that adds the weights up as it goes, over the
+    samples sorted as tuples (equal values by weight)."""
     if not samples:
         return [None] * len(qs)
     ordered = sorted(samples)
@@ -111,7 +112,7 @@ def test_weighted_quantiles_by_bisection_are_the_walks() -> None:
     for _ in range(3000):
         n = rng.randint(0, 40)
         values = [rng.choice((0.1, 0.2, rng.random())) for _ in range(n)]  # ties too
-        weights = [rng.choice((0.0, 1.0, float(rng.randint(1, 256)), rng.random())) for _ in values]
+        weights = [rng.choice((0.0, 1.0, rng.randint(1, 256))) for _ in values]  # whole
         samples = list(zip(values, weights, strict=True))
         assert weighted_quantiles(samples, qs) == _walked_quantiles(samples, qs)
 
