@@ -34,6 +34,7 @@ Rules of this file (everything that decides a limit lives here; safety.py has th
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -201,7 +202,9 @@ class JointController:
     def __init__(self, params: JointParams | None = None) -> None:
         self.params = params or JointParams()
         self._servers: dict[str, _ServerState] = {}
-        self._excursions: list[tuple[float, float]] = []  # (now_s, host excursion W), recent
+        # (now_s, host excursion W) within excursion_memory_s, only those that may still be
+        # its largest: each is newer and smaller than the one before, so the first is the max
+        self._excursions: deque[tuple[float, float]] = deque()
         self._limits_seen: list[tuple[float, dict[int, float]]] = []  # (now_s, limits), recent
         self._cold_since_s: float | None = None
         self._last_budget_w: float | None = None
@@ -222,10 +225,14 @@ class JointController:
         avg_excursion = max(
             0.0, sum((g.power_w or 0.0) - limits[g.index] for g in gpus if g.power_w is not None)
         )
+        # The largest excursion of the memory, as a sliding-window maximum: an older entry
+        # no larger than the new one can never be the largest again.
+        while self._excursions and self._excursions[-1][1] <= avg_excursion:
+            self._excursions.pop()
         self._excursions.append((now_s, avg_excursion))
-        while self._excursions and now_s - self._excursions[0][0] > p.excursion_memory_s:
-            self._excursions.pop(0)
-        seen = max(e for _, e in self._excursions)
+        while now_s - self._excursions[0][0] > p.excursion_memory_s:
+            self._excursions.popleft()
+        seen = self._excursions[0][1]
         guard = max(p.budget_guard_frac * budget_w, p.excursion_gain * seen)
         if now_s - self._cold_since_s < p.cold_s:
             guard = max(guard, p.cold_guard_frac * budget_w)
