@@ -190,10 +190,10 @@ class TwinHost:
             raise RuntimeError("this host was built without a /metrics page (metrics_page=False)")
         return render_metrics(s, self.model_spec.name, self.epoch_s)
 
-    def scrape(self, server: int) -> dict[tuple[str, str], Any]:
+    def scrape(self, server: int, e2e: bool = True) -> dict[tuple[str, str], Any]:
         """What palsd's parser reads from `metrics_text(server)` (EngineSample per engine),
-        without the text round trip."""
-        return engine_samples(self._server(server), self.model_spec.name)
+        without the text round trip (and without the e2e histogram when `e2e` is False)."""
+        return engine_samples(self._server(server), self.model_spec.name, e2e)
 
     def tokens_generated_total(self, server: int) -> int:
         return self._server(server).generation_tokens_total

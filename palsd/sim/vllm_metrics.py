@@ -35,10 +35,13 @@ def _scraped(h: Histogram) -> ScrapedHistogram:
     return ScrapedHistogram(buckets=buckets, count=cumulative[-1], sum_s=h.sum)
 
 
-def engine_samples(server: ServerSim, model_name: str) -> dict[EngineKey, EngineSample]:
+def engine_samples(
+    server: ServerSim, model_name: str, e2e: bool = True
+) -> dict[EngineKey, EngineSample]:
     """What `palsd.sense.vllm_metrics.parse_metrics(render_metrics(server, ...))` returns,
     built without the text round trip (a page costs ~10 ms to parse; the simulation scrapes
-    every server every tick). tests/unit/test_simulate.py asserts the two are equal."""
+    every server every tick). tests/unit/test_simulate.py asserts the two are equal. Without
+    the e2e latency histogram when `e2e` is False (the controller reads no e2e quantile)."""
     s = server
     sample = EngineSample(
         model_name=model_name,
@@ -57,7 +60,7 @@ def engine_samples(server: ServerSim, model_name: str) -> dict[EngineKey, Engine
         ),
         ttft=_scraped(s.h_ttft),
         itl=_scraped(s.h_itl),
-        e2e=_scraped(s.h_e2e),
+        e2e=_scraped(s.h_e2e) if e2e else None,
     )
     return {sample.key: sample}
 

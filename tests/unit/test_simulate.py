@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from palsd.cli.palsd import main as palsd_main
+from palsd.core.types import Quantiles
 from palsd.sense.vllm_metrics import parse_metrics
 from palsd.sim.report import pick_best_fixed
 from palsd.sim.scenarios import (
@@ -156,11 +157,48 @@ def test_the_sims_window_gives_what_the_daemons_signal_window_gives() -> None:
         assert ours.requests_per_s == pytest.approx(theirs.server.requests_per_s)
         assert ours.generation_tokens_per_s == pytest.approx(theirs.server.generation_tokens_per_s)
         assert ours.itl_s == theirs.server.itl_s and ours.ttft_s == theirs.server.ttft_s
+        assert ours.prompt_tokens_per_s == pytest.approx(theirs.server.prompt_tokens_per_s)
+        assert ours.e2e_s == Quantiles()  # left out: no controller reads it (test below)
         assert (ours.running, ours.waiting, ours.window_s) == (
             theirs.server.running,
             theirs.server.waiting,
             theirs.server.window_s,
         )
+        host.step(0.5)
+
+
+def test_the_controllers_decisions_do_not_depend_on_e2e_latency() -> None:
+    # Why the simulation's sensor may leave the e2e histogram out: two controllers, fed the
+    # same twin ticks except for e2e quantiles (none, and arbitrary ones), decide the same.
+    from dataclasses import replace
+
+    from palsd.core.controller import JointController
+    from palsd.core.types import BudgetInForce, BudgetSource
+    from palsd.sim.simulate import _Sensor
+
+    setup = MODELS["mixtral"]
+    host = build_host(setup, build_scenario("demand_response", 1), seed=1)
+    sensor = _Sensor(host, setup, seed=1, blind=False)
+    without, with_e2e = JointController(), JointController()
+    budget = BudgetInForce(2000.0, BudgetSource.FACILITY)
+    for tick in range(120):
+        obs = sensor.observe(budget, tick * 0.5, None)
+        e2e = Quantiles(p50=1.0 + tick, p90=2.0 + tick, p99=3.0 + tick)
+        other = replace(
+            obs,
+            servers=tuple(
+                replace(s, signals=None if s.signals is None else replace(s.signals, e2e_s=e2e))
+                for s in obs.servers
+            ),
+        )
+        a, b = without.decide(obs), with_e2e.decide(other)
+        assert (a.power_limits_w, a.batch_limits, a.mode) == (
+            b.power_limits_w,
+            b.batch_limits,
+            b.mode,
+        )
+        for index, limit_w in a.power_limits_w.items():
+            host.set_power_limit_w(index, limit_w)
         host.step(0.5)
 
 
