@@ -208,6 +208,8 @@ class JointController:
         self._limits_seen: list[tuple[float, dict[int, float]]] = []  # (now_s, limits), recent
         self._cold_since_s: float | None = None
         self._last_budget_w: float | None = None
+        self._last_guard_w = 0.0
+        self._plan_before_raise_w: float | None = None  # set while the last change was a raise
         self._budget_for_ceilings: float | None = None
 
     def _guard_w(self, now_s: float, gpus: Sequence[GpuObservation], budget_w: float) -> float:
@@ -216,6 +218,10 @@ class JointController:
         if self._cold_since_s is None or budget_w != self._last_budget_w:
             # A new budget: what the limits overshot under the old one says little about the
             # new one (limits that did not bind never overshoot), so start cautious again.
+            last = self._last_budget_w
+            self._plan_before_raise_w = (
+                last - self._last_guard_w if last is not None and budget_w > last else None
+            )
             self._cold_since_s = now_s
             self._last_budget_w = budget_w
         # What counts against a budget is the 1 s averaged power (what the GPUs' own cap loop
@@ -234,10 +240,17 @@ class JointController:
             self._excursions.popleft()
         seen = self._excursions[0][1]
         guard = max(p.budget_guard_frac * budget_w, p.excursion_gain * seen)
+        cold = 0.0
         if now_s - self._cold_since_s < p.cold_s:
-            guard = max(guard, p.cold_guard_frac * budget_w)
+            cold = p.cold_guard_frac * budget_w
         if now_s - self._cold_since_s < p.cold_burst_s:
-            guard = max(guard, p.cold_guard_w_per_gpu * len(gpus))
+            cold = max(cold, p.cold_guard_w_per_gpu * len(gpus))
+        if self._plan_before_raise_w is not None:
+            # A raise lowers no limit (the first-burst overshoot is a lowered limit's), so its
+            # caution never plans below what the smaller budget before it had allowed.
+            cold = min(cold, budget_w - self._plan_before_raise_w)
+        guard = max(guard, cold)
+        self._last_guard_w = guard
         return guard
 
     def _note_limits(self, now_s: float, gpus: Sequence[GpuObservation]) -> None:

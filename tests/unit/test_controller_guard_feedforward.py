@@ -38,6 +38,29 @@ def test_the_first_plan_after_a_budget_cut_keeps_watts_per_gpu_for_the_first_bur
     assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
 
 
+def test_a_budget_raise_never_plans_below_the_plan_before_it():
+    # Servers short of latency want every watt; the budget binds at 1800 W, then rises to
+    # 2000 W. The caution after a new budget (the first burst at a lowered limit) must not make
+    # the larger budget plan fewer watts than the smaller one did (it once planned 1680 W for
+    # 5 s after 1706 W: every server lost watts when the facility gave more).
+    ctrl = JointController()
+    servers = [
+        server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.5, ttft_s=5.0, running=200, waiting=30))
+        for k in range(4)
+    ]
+    t, planned = 0.0, 0.0
+    for _ in range(120):  # 60 s at 1800 W: past every cold period
+        t += 0.5
+        gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
+        planned = sum(ctrl.decide(obs(t, gpus, servers, 1800.0)).power_limits_w.values())
+    assert planned < 1800.0  # the budget binds
+    for _ in range(12):  # the first 6 s at 2000 W
+        t += 0.5
+        gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
+        after = sum(ctrl.decide(obs(t, gpus, servers, 2000.0)).power_limits_w.values())
+        assert after >= planned - 1e-6
+
+
 def test_no_shedding_while_the_average_still_shows_the_limits_before_a_cut():
     # The budget drops to 1800 W with limits at 240 W and the GPUs drawing 240 W each (1920 W
     # averaged, above the new budget): lowering the limits is the answer, not a batch shed
