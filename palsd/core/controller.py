@@ -107,7 +107,8 @@ class JointParams:
     budget_guard_frac: float = 0.04
     # ... and the guard grows to what the host was recently seen to overshoot its limits by
     # (sampled at ticks, so scaled up), remembered for excursion_memory_s; for cold_s after
-    # start and after each budget change it is at least cold_guard_frac.
+    # start and after each budget change it is at least cold_guard_frac (after a change, by
+    # no more than the change's size: `_guard_w`).
     excursion_gain: float = 2.0
     excursion_memory_s: float = 600.0
     # A 1 s average lags a lowered limit: for this long after a GPU's limit came down its
@@ -209,7 +210,10 @@ class JointController:
         self._cold_since_s: float | None = None
         self._last_budget_w: float | None = None
         self._last_guard_w = 0.0
-        self._plan_before_raise_w: float | None = None  # set while the last change was a raise
+        # How far the last budget change may lower the plan beyond its own size (None: the
+        # first budget, every caution applies)
+        self._plan_floor_w: float | None = None  # after a raise: the plan before it
+        self._cut_w: float | None = None  # after a cut: its size
         self._budget_for_ceilings: float | None = None
 
     def _guard_w(self, now_s: float, gpus: Sequence[GpuObservation], budget_w: float) -> float:
@@ -219,9 +223,11 @@ class JointController:
             # A new budget: what the limits overshot under the old one says little about the
             # new one (limits that did not bind never overshoot), so start cautious again.
             last = self._last_budget_w
-            self._plan_before_raise_w = (
-                last - self._last_guard_w if last is not None and budget_w > last else None
-            )
+            self._plan_floor_w = self._cut_w = None
+            if last is not None and budget_w > last:
+                self._plan_floor_w = last - self._last_guard_w
+            elif last is not None:
+                self._cut_w = last - budget_w
             self._cold_since_s = now_s
             self._last_budget_w = budget_w
         # What counts against a budget is the 1 s averaged power (what the GPUs' own cap loop
@@ -245,10 +251,16 @@ class JointController:
             cold = p.cold_guard_frac * budget_w
         if now_s - self._cold_since_s < p.cold_burst_s:
             cold = max(cold, p.cold_guard_w_per_gpu * len(gpus))
-        if self._plan_before_raise_w is not None:
-            # A raise lowers no limit (the first-burst overshoot is a lowered limit's), so its
-            # caution never plans below what the smaller budget before it had allowed.
-            cold = min(cold, budget_w - self._plan_before_raise_w)
+        # The first burst after a change overshoots by what the limits came down (the clocks
+        # are still where the old limits left them), not by more: a raise lowers no limit, so
+        # its caution never plans below the plan before it, and a cut's caution is at most the
+        # cut on top of the guard (a fleet coordinator's rebalancing or a jittery feed moves
+        # the budget by a few watts every few seconds; a full cold floor for each would starve
+        # the host for as long as the budget moves).
+        if self._plan_floor_w is not None:
+            cold = min(cold, budget_w - self._plan_floor_w)
+        if self._cut_w is not None:
+            cold = min(cold, guard + self._cut_w)
         guard = max(guard, cold)
         self._last_guard_w = guard
         return guard

@@ -61,6 +61,43 @@ def test_a_budget_raise_never_plans_below_the_plan_before_it():
         assert after >= planned - 1e-6
 
 
+def test_a_large_cut_keeps_the_first_burst_floor():
+    ctrl = JointController()
+    servers = [server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.15)) for k in range(4)]
+    gpus = [gpu(i, power_w=300.0, limit_w=700.0) for i in range(8)]
+    t = 0.0
+    for _ in range(120):
+        t += 0.5
+        ctrl.decide(obs(t, gpus, servers, 5600.0))
+    decision = ctrl.decide(obs(t + 0.5, gpus, servers, 2000.0))
+    cold = JointParams().cold_guard_w_per_gpu * 8
+    assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
+
+
+def test_a_budget_moving_by_a_few_watts_every_tick_does_not_starve_the_host():
+    # A fleet coordinator's rebalancing (or a jittery facility feed) moves the budget by a few
+    # watts every few seconds. Each change is a new budget, but the caution after a cut is for
+    # the first burst at limits that came down, which a 5 W cut barely does: the plan must stay
+    # within the changes' size of the steady plan (it once sat 320 W below for as long as the
+    # budget moved).
+    ctrl = JointController()
+    servers = [
+        server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.5, ttft_s=5.0, running=200, waiting=30))
+        for k in range(4)
+    ]
+    gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
+    t, steady = 0.0, 0.0
+    for _ in range(120):  # 60 s at 2000 W: past every cold period
+        t += 0.5
+        steady = sum(ctrl.decide(obs(t, gpus, servers, 2000.0)).power_limits_w.values())
+    assert steady < 2000.0  # the budget binds
+    for k in range(120):  # 60 s of a budget moving between 1995 and 2000 W every tick
+        t += 0.5
+        budget = 1995.0 if k % 2 == 0 else 2000.0
+        planned = sum(ctrl.decide(obs(t, gpus, servers, budget)).power_limits_w.values())
+        assert planned >= steady - 2 * 5.0 - 1.0
+
+
 def test_no_shedding_while_the_average_still_shows_the_limits_before_a_cut():
     # The budget drops to 1800 W with limits at 240 W and the GPUs drawing 240 W each (1920 W
     # averaged, above the new budget): lowering the limits is the answer, not a batch shed
