@@ -777,11 +777,6 @@ class JointController:
         ):
             guard_w = self._guard_w(obs.now_s, obs.gpus, budget_w)
             plan_w = max(min(budget_w, sum_min), budget_w - guard_w)
-        else:
-            # No budget within the cap loop's reach: the limits are free to rise, so the next
-            # budget that binds is a first one (every caution applies), even if it equals the
-            # last one seen before this spell.
-            self._cold_since_s = self._last_budget_w = None
         # Averaged power (not instant spikes) above the budget with no room left above the
         # floor: the caps cannot give more, only less work can.
         at_floor = budget_w is not None and budget_w - guard_w < sum_min

@@ -74,23 +74,6 @@ def test_a_large_cut_keeps_the_first_burst_floor():
     assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
 
 
-def test_a_budget_back_after_a_spell_without_one_is_a_first_budget():
-    # 2000 W binds, then the budget lapses for a minute (the limits may rise to their
-    # maximum meanwhile), then the same 2000 W is back: its first burst lands on limits that
-    # come down from wherever the free spell left them, so the first-burst floor applies as
-    # it does to the very first budget.
-    ctrl = JointController()
-    servers = [server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.15)) for k in range(4)]
-    gpus = [gpu(i, power_w=240.0, limit_w=250.0) for i in range(8)]
-    t = 0.0
-    for budget in [2000.0] * 120 + [None] * 120:
-        t += 0.5
-        ctrl.decide(obs(t, gpus, servers, budget))
-    decision = ctrl.decide(obs(t + 0.5, gpus, servers, 2000.0))
-    cold = JointParams().cold_guard_w_per_gpu * 8
-    assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
-
-
 def test_a_budget_moving_by_a_few_watts_every_tick_does_not_starve_the_host():
     # A fleet coordinator's rebalancing (or a jittery facility feed) moves the budget by a few
     # watts every few seconds. Each change is a new budget, but the caution after a cut is for
