@@ -773,3 +773,33 @@ def load_config(path: Path, *, check_files: bool = True) -> PalsdConfig:
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+# What a reload (SIGHUP) applies to the running daemon; every other changed key waits for a
+# restart, and the reload says which.
+RELOADABLE_KEYS = ("budget.default_w", "budget.fallback_w", "control.period_s")
+
+
+def changed_keys(old: PalsdConfig, new: PalsdConfig) -> list[str]:
+    """Dotted keys whose values differ between two configurations (a list, such as `servers`,
+    compares as one key)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif a != b:
+            out.append(key)
+
+    walk(old.model_dump(), new.model_dump(), "")
+    return out
+
+
+def with_reloaded(running: PalsdConfig, new: PalsdConfig) -> PalsdConfig:
+    """The configuration in force after a reload: `running` with the reloadable keys of `new`."""
+    budget = running.budget.model_copy(
+        update={"default_w": new.budget.default_w, "fallback_w": new.budget.fallback_w}
+    )
+    control = running.control.model_copy(update={"period_s": new.control.period_s})
+    return running.model_copy(update={"budget": budget, "control": control})

@@ -21,7 +21,15 @@ from palsd.act.originals import Originals, OriginalsStore
 from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
 from palsd.api.server import ApiServer
-from palsd.config import DEFAULT_CONFIG_PATH, ConfigError, PalsdConfig, load_config
+from palsd.config import (
+    DEFAULT_CONFIG_PATH,
+    RELOADABLE_KEYS,
+    ConfigError,
+    PalsdConfig,
+    changed_keys,
+    load_config,
+    with_reloaded,
+)
 from palsd.core.budget import BudgetBook
 from palsd.core.types import GpuObservation
 from palsd.errors import GpuError
@@ -259,17 +267,15 @@ async def _reloader(
                 action="the running configuration stays in force",
             )
             continue
+        changed = changed_keys(running, new)
         daemon.budgets.replace_config(new.budget.default_w, new.budget.fallback_w)
         daemon.set_period(new.control.period_s)
-        restart_needed = [
-            key
-            for key in ("gpu", "servers", "api", "metrics", "state", "mqtt")
-            if getattr(new, key) != getattr(running, key)
-        ]
-        if new.control.dry_run != running.control.dry_run:
-            restart_needed.append("control.dry_run")
         metrics.config_reloads.labels("applied").inc()
+        # `running` stays what is in force, so a key that waits for a restart is named again
+        # by every reload until then.
         log.info(
-            "config_reloaded", applied=["budget", "control.period_s"], needs_restart=restart_needed
+            "config_reloaded",
+            applied=[k for k in changed if k in RELOADABLE_KEYS],
+            needs_restart=[k for k in changed if k not in RELOADABLE_KEYS],
         )
-        running = new
+        running = with_reloaded(running, new)

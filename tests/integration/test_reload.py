@@ -1,5 +1,6 @@
-"""SIGHUP reloads the configuration; a bad file is rejected with its reasons and the running
-configuration stays in force."""
+"""SIGHUP reloads the configuration, naming each changed key it applied and each that waits for
+a restart; a bad file is rejected with its reasons and the running configuration stays in
+force."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ def test_sighup_applies_a_good_file_and_rejects_a_bad_one(tmp_path):
         with palsd(tmp_path, cfg) as d:
             assert d.status()["budget"]["effective_w"] == 1200
             cfg["budget"]["default_w"] = 900
+            cfg["scrape"] = {"window_s": 5.0}  # waits for a restart, and the reload says so
             d.config.write_text(yaml.safe_dump(cfg))
             d.proc.send_signal(signal.SIGHUP)
             wait_until(lambda: d.status()["budget"]["effective_w"] == 900, 5, "reloaded budget")
+            reloaded = wait_until(lambda: d.events("config_reloaded"), 5, "reload event")
+            assert reloaded[0]["applied"] == ["budget.default_w"]
+            assert reloaded[0]["needs_restart"] == ["scrape.window_s"]
+            d.proc.send_signal(signal.SIGHUP)  # the same file again: still not in force
+            again = wait_until(lambda: d.events("config_reloaded")[1:], 5, "second reload")
+            assert again[0]["applied"] == [] and again[0]["needs_restart"] == ["scrape.window_s"]
 
             d.config.write_text("budget:\n  default_w: -3\ncontrol:\n  period_s: fast\n")
             d.proc.send_signal(signal.SIGHUP)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from palsd.config import ConfigError, load_config, parse_config
+from palsd.config import (
+    RELOADABLE_KEYS,
+    ConfigError,
+    changed_keys,
+    load_config,
+    parse_config,
+    with_reloaded,
+)
 
 
 def test_defaults_are_valid():
@@ -240,3 +247,31 @@ def test_restore_needs_no_secret_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_config(path)
     assert load_config(path, check_files=False).api.tcp.enabled
+
+
+def test_a_reload_names_every_changed_key_and_keeps_only_the_reloadable_ones() -> None:
+    running = parse_config({"budget": {"default_w": 1200}})
+    new = parse_config(
+        {
+            "budget": {"default_w": 900, "max_override_ttl_s": 600},
+            "scrape": {"window_s": 5},
+            "logging": {"level": "debug"},
+            "control": {"period_s": 1.0, "joint": {"low_margin": 0.3}},
+        }
+    )
+    changed = changed_keys(running, new)
+    assert changed == [
+        "budget.default_w",
+        "budget.max_override_ttl_s",
+        "control.joint.low_margin",
+        "control.period_s",
+        "logging.level",
+        "scrape.window_s",
+    ]
+    in_force = with_reloaded(running, new)
+    # the reloadable keys took the new values; the others wait for a restart, so the next
+    # reload of the same file names them again
+    assert changed_keys(in_force, new) == [k for k in changed if k not in RELOADABLE_KEYS]
+    assert in_force.budget.default_w == 900 and in_force.control.period_s == 1.0
+    assert in_force.logging == running.logging and in_force.scrape == running.scrape
+    assert changed_keys(running, running) == []
