@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget-w",
         type=float,
         default=None,
-        help="host budget; default 65%% of the GPUs' maximum limits",
+        help=f"host budget; default {round(DEFAULT_BUDGET_FRAC * 100)}%% of the GPUs' maximum"
+        " limits",
     )
     parser.add_argument("--controller", choices=["joint", "demand_split"], default="joint")
     parser.add_argument("--seed", type=int, default=1)
