@@ -129,5 +129,5 @@ SIM_MODEL ?= mixtral
 simulate: venv
 	@rc=0; for s in $(SIM_SCENARIOS); do \
 	  $(BIN)/palsd simulate --scenario $$s --gpu $(SIM_GPU) --model $(SIM_MODEL) --hours 1 \
-	    --seed 1 --out out/simulate/$(SIM_GPU)-$(SIM_MODEL)/$$s || { rc=1; echo "$$s: target missed"; }; \
+	    --seed 1 --out out/simulate/$(SIM_GPU)-$(SIM_MODEL)/$$s-s1 || { rc=1; echo "$$s: target missed"; }; \
 	done; exit $$rc
