@@ -30,7 +30,8 @@ from palsd.sense.gpu import GpuBackend
 class WriteResult:
     applied: dict[int, float]
     failed: dict[int, str]
-    held: dict[int, float] = field(default_factory=dict)  # raises not written (may_raise said no)
+    # Raises not written: may_raise said no, or a failed lowering left no room for them.
+    held: dict[int, float] = field(default_factory=dict)
 
 
 class PowerActuator:
@@ -121,8 +122,9 @@ class PowerActuator:
     ) -> WriteResult:
         """Write every lowering at once, then the raises: the applied sum never passes through
         a state above both the old and the new one, and a budget cut costs one set-call latency
-        rather than one per GPU. A failed write is counted and logged; the rest still go out,
-        since each lowering keeps the host safe.
+        rather than one per GPU. A failed write is counted and logged; the other lowerings
+        still go out, and a raise only while the sum of the limits stays within the sum the
+        plan ends at (a failed lowering leaves less room: raises that do not fit are `held`).
 
         With `may_raise`, raises go out one at a time and each only while it still answers
         True (asked just before the write, from this thread): a budget that arrived during the
@@ -149,18 +151,32 @@ class PowerActuator:
         plan = [(i, w) for i, w in plan if i in recorded]
         lowers = [(i, w) for i, w in plan if w < self._gpus[i].power_limit_w]
         raises = [(i, w) for i, w in plan if w >= self._gpus[i].power_limit_w]
+        # The sum the plan ends at: a raise goes out only while the sum stays within it, so a
+        # lowering that failed never has a raise stacked on top of it.
+        planned_sum_w = self._sum_w() + sum(w - self._gpus[i].power_limit_w for i, w in plan)
         held: dict[int, float] = {}
+        self._write_phase(lowers, applied, failed)
+        fitting: list[tuple[int, float]] = []
+        projected_w = self._sum_w()
+        for index, watts in raises:
+            after_w = projected_w + watts - self._gpus[index].power_limit_w
+            if after_w > planned_sum_w + 1e-6:
+                held[index] = watts
+            else:
+                fitting.append((index, watts))
+                projected_w = after_w
         if may_raise is not None:
-            self._write_phase(lowers, applied, failed)
-            for index, watts in raises:
+            for index, watts in fitting:
                 if not may_raise():
                     held[index] = watts
                     continue
                 self._write_phase([(index, watts)], applied, failed)
             return WriteResult(applied, failed, held)
-        for phase in (lowers, raises):
-            self._write_phase(phase, applied, failed)
-        return WriteResult(applied, failed)
+        self._write_phase(fitting, applied, failed)
+        return WriteResult(applied, failed, held)
+
+    def _sum_w(self) -> float:
+        return sum(g.power_limit_w for g in self._gpus.values())
 
     def _write_phase(
         self, phase: list[tuple[int, float]], applied: dict[int, float], failed: dict[int, str]
