@@ -87,6 +87,8 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._act_lock = asyncio.Lock()
         self._written_at = float("-inf")  # time.monotonic() when the last write returned
+        # The worker thread of the write in progress: cancelling its caller does not stop it.
+        self._writing: asyncio.Future[Any] | None = None
         self.budgets = BudgetDesk(
             book, metrics, clock, lambda: sum(self._limits_w().values()) if self.gpus else None
         )
@@ -128,6 +130,11 @@ class Daemon:
         finally:
             self._reader.cancel()
             async with self._act_lock:
+                if self._writing is not None:
+                    # A write the stop cancelled is still running in its thread: restore
+                    # only once it has landed, or it would land over the restored limit.
+                    with contextlib.suppress(Exception):
+                        await self._writing
                 if self._restore is not None:
                     await self._restore()
 
@@ -284,9 +291,10 @@ class Daemon:
         writes = order_writes(current, limits_w, budget_w=budget.effective_w)
         if not writes:
             return
-        result = await asyncio.to_thread(
-            self.actuator.apply, writes, lambda: self.budgets.seq == seq
+        self._writing = asyncio.ensure_future(
+            asyncio.to_thread(self.actuator.apply, writes, lambda: self.budgets.seq == seq)
         )
+        result = await asyncio.shield(self._writing)
         self._written_at = time.monotonic()
         self.gpus = tuple(
             replace(g, power_limit_w=result.applied.get(g.index, g.power_limit_w))
