@@ -62,14 +62,14 @@ def main(args: argparse.Namespace) -> int:
         print(err.report(), file=sys.stderr)
         return 2
     if args.dry_run:
-        cfg = cfg.model_copy(update={"control": cfg.control.model_copy(update={"dry_run": True})})
+        cfg = _dry_run(cfg)
     # Before anything is touched: one instance per state dir, and no foreign file at api.socket.
     lock = claim("run", cfg.state.dir, cfg.api.socket)
     if lock is None:
         return 2
     configure_logging(cfg.logging.level, cfg.logging.format)
     try:
-        return asyncio.run(serve(cfg, args.config))
+        return asyncio.run(serve(cfg, args.config, forced_dry_run=args.dry_run))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -125,7 +125,11 @@ async def reconcile(
     )
 
 
-async def serve(cfg: PalsdConfig, config_path: Path) -> int:
+def _dry_run(cfg: PalsdConfig) -> PalsdConfig:
+    return cfg.model_copy(update={"control": cfg.control.model_copy(update={"dry_run": True})})
+
+
+async def serve(cfg: PalsdConfig, config_path: Path, forced_dry_run: bool = False) -> int:
     log = get_logger()
     metrics = Metrics()
     metrics.info.info(
@@ -210,7 +214,10 @@ async def serve(cfg: PalsdConfig, config_path: Path) -> int:
                 if exporter is not None:
                     daemon.spawn("metrics-http", _serve_until_cancelled(exporter.cleanup))
                 daemon.spawn(
-                    "reloader", _reloader(reload_requested, config_path, cfg, daemon, metrics, log)
+                    "reloader",
+                    _reloader(
+                        reload_requested, config_path, cfg, daemon, metrics, log, forced_dry_run
+                    ),
                 )
                 if cfg.mqtt.enabled:
                     daemon.spawn("mqtt-feed", _feed(cfg, daemon, metrics).run())
@@ -253,12 +260,15 @@ async def _reloader(
     daemon: Daemon,
     metrics: Metrics,
     log: Any,
+    forced_dry_run: bool = False,
 ) -> None:
     while True:
         await requested.wait()
         requested.clear()
         try:
             new = load_config(path)
+            if forced_dry_run:  # `palsd run --dry-run` holds whatever the file says
+                new = _dry_run(new)
         except ConfigError as err:
             metrics.config_reloads.labels("rejected").inc()
             log.error(

@@ -143,8 +143,11 @@ class Palsd:
 
 
 @contextmanager
-def palsd(tmp: Path, cfg: dict[str, Any], nofile: int | None = None) -> Iterator[Palsd]:
-    """`nofile`: the daemon's RLIMIT_NOFILE (soft and hard), as LimitNOFILE= would set it."""
+def palsd(
+    tmp: Path, cfg: dict[str, Any], nofile: int | None = None, args: tuple[str, ...] = ()
+) -> Iterator[Palsd]:
+    """`nofile`: the daemon's RLIMIT_NOFILE (soft and hard), as LimitNOFILE= would set it;
+    `args`: more arguments for `palsd run`."""
     path = tmp / "palsd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log_path = tmp / "palsd.log"
@@ -152,7 +155,7 @@ def palsd(tmp: Path, cfg: dict[str, Any], nofile: int | None = None) -> Iterator
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     limit = None if nofile is None else ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
     proc = subprocess.Popen(
-        [*(limit or []), *PALSD, "run", "--config", str(path)],
+        [*(limit or []), *PALSD, "run", "--config", str(path), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -35,3 +35,16 @@ def test_sighup_applies_a_good_file_and_rejects_a_bad_one(tmp_path):
             assert "budget.default_w" in problems and "control.period_s" in problems
             assert d.status()["budget"]["effective_w"] == 900
             assert d.proc.poll() is None
+
+
+def test_a_reload_under_run_dry_run_keeps_dry_run_and_asks_for_no_restart(tmp_path):
+    # The file says nothing of dry_run (false); `palsd run --dry-run` holds it on, and a reload
+    # of the unchanged file must neither turn it off nor ask for a restart to do so.
+    with sim_host(tmp_path, gpus=2, servers=1) as sim:
+        cfg = palsd_config(sim, tmp_path, budget={"default_w": 1200})
+        with palsd(tmp_path, cfg, args=("--dry-run",)) as d:
+            wait_until(lambda: d.status()["budget"]["effective_w"] == 1200, 5, "started")
+            d.proc.send_signal(signal.SIGHUP)
+            reloaded = wait_until(lambda: d.events("config_reloaded"), 5, "reload event")
+            assert reloaded[0]["applied"] == [] and reloaded[0]["needs_restart"] == []
+            assert d.status()["controller"]["dry_run"] is True
