@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from palsd.core.controller import JointController, JointParams
-from palsd.core.types import ServerSignals
+from palsd.core.types import GpuObservation, ServerObservation, ServerSignals
 from tests.unit.test_controller_fixtures import gpu, obs, server, signals
 
 
@@ -38,40 +38,57 @@ def test_the_first_plan_after_a_budget_cut_keeps_watts_per_gpu_for_the_first_bur
     assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
 
 
+def _short_of_latency() -> list[ServerObservation]:
+    """Four servers missing their SLO: each wants every watt, so the budget binds."""
+    sig = signals(itl_s=0.5, ttft_s=5.0, running=200, waiting=30)
+    return [server(f"s{k}", (2 * k, 2 * k + 1), sig) for k in range(4)]
+
+
+def _planned_w(
+    ctrl: JointController,
+    t: float,
+    gpus: list[GpuObservation],
+    servers: list[ServerObservation],
+    budget_w: float,
+) -> float:
+    return sum(ctrl.decide(obs(t, gpus, servers, budget_w)).power_limits_w.values())
+
+
+def _settled(
+    ctrl: JointController,
+    gpus: list[GpuObservation],
+    servers: list[ServerObservation],
+    budget_w: float,
+) -> tuple[float, float]:
+    """60 s of ticks at one budget, past every cold period: (the time, the last plan)."""
+    t, planned = 0.0, 0.0
+    for _ in range(120):
+        t += 0.5
+        planned = _planned_w(ctrl, t, gpus, servers, budget_w)
+    return t, planned
+
+
 def test_a_budget_raise_never_plans_below_the_plan_before_it():
     # Servers short of latency want every watt; the budget binds at 1800 W, then rises to
     # 2000 W. The caution after a new budget (the first burst at a lowered limit) must not make
     # the larger budget plan fewer watts than the smaller one did (it once planned 1680 W for
     # 5 s after 1706 W: every server lost watts when the facility gave more).
-    ctrl = JointController()
-    servers = [
-        server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.5, ttft_s=5.0, running=200, waiting=30))
-        for k in range(4)
-    ]
-    t, planned = 0.0, 0.0
-    for _ in range(120):  # 60 s at 1800 W: past every cold period
-        t += 0.5
-        gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
-        planned = sum(ctrl.decide(obs(t, gpus, servers, 1800.0)).power_limits_w.values())
+    ctrl, servers = JointController(), _short_of_latency()
+    gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
+    t, planned = _settled(ctrl, gpus, servers, 1800.0)
     assert planned < 1800.0  # the budget binds
     for _ in range(12):  # the first 6 s at 2000 W
         t += 0.5
-        gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
-        after = sum(ctrl.decide(obs(t, gpus, servers, 2000.0)).power_limits_w.values())
-        assert after >= planned - 1e-6
+        assert _planned_w(ctrl, t, gpus, servers, 2000.0) >= planned - 1e-6
 
 
 def test_a_large_cut_keeps_the_first_burst_floor():
     ctrl = JointController()
     servers = [server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.15)) for k in range(4)]
     gpus = [gpu(i, power_w=300.0, limit_w=700.0) for i in range(8)]
-    t = 0.0
-    for _ in range(120):
-        t += 0.5
-        ctrl.decide(obs(t, gpus, servers, 5600.0))
-    decision = ctrl.decide(obs(t + 0.5, gpus, servers, 2000.0))
+    t, _ = _settled(ctrl, gpus, servers, 5600.0)
     cold = JointParams().cold_guard_w_per_gpu * 8
-    assert sum(decision.power_limits_w.values()) <= 2000.0 - cold + 1e-6
+    assert _planned_w(ctrl, t + 0.5, gpus, servers, 2000.0) <= 2000.0 - cold + 1e-6
 
 
 def test_a_budget_moving_by_a_few_watts_every_tick_does_not_starve_the_host():
@@ -80,22 +97,14 @@ def test_a_budget_moving_by_a_few_watts_every_tick_does_not_starve_the_host():
     # the first burst at limits that came down, which a 5 W cut barely does: the plan must stay
     # within the changes' size of the steady plan (it once sat 320 W below for as long as the
     # budget moved).
-    ctrl = JointController()
-    servers = [
-        server(f"s{k}", (2 * k, 2 * k + 1), signals(itl_s=0.5, ttft_s=5.0, running=200, waiting=30))
-        for k in range(4)
-    ]
+    ctrl, servers = JointController(), _short_of_latency()
     gpus = [gpu(i, power_w=220.0, limit_w=225.0) for i in range(8)]
-    t, steady = 0.0, 0.0
-    for _ in range(120):  # 60 s at 2000 W: past every cold period
-        t += 0.5
-        steady = sum(ctrl.decide(obs(t, gpus, servers, 2000.0)).power_limits_w.values())
+    t, steady = _settled(ctrl, gpus, servers, 2000.0)
     assert steady < 2000.0  # the budget binds
     for k in range(120):  # 60 s of a budget moving between 1995 and 2000 W every tick
         t += 0.5
         budget = 1995.0 if k % 2 == 0 else 2000.0
-        planned = sum(ctrl.decide(obs(t, gpus, servers, budget)).power_limits_w.values())
-        assert planned >= steady - 2 * 5.0 - 1.0
+        assert _planned_w(ctrl, t, gpus, servers, budget) >= steady - 2 * 5.0 - 1.0
 
 
 def test_no_shedding_while_the_average_still_shows_the_limits_before_a_cut():
