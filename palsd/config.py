@@ -798,8 +798,10 @@ def changed_keys(old: PalsdConfig, new: PalsdConfig) -> list[str]:
 
 def with_reloaded(running: PalsdConfig, new: PalsdConfig) -> PalsdConfig:
     """The configuration in force after a reload: `running` with the reloadable keys of `new`."""
-    budget = running.budget.model_copy(
-        update={"default_w": new.budget.default_w, "fallback_w": new.budget.fallback_w}
-    )
-    control = running.control.model_copy(update={"period_s": new.control.period_s})
-    return running.model_copy(update={"budget": budget, "control": control})
+    out = running
+    for key in RELOADABLE_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(new, section), name)
+        part = getattr(out, section).model_copy(update={name: value})
+        out = out.model_copy(update={section: part})
+    return out
