@@ -5,7 +5,8 @@ Rules of this file: the book is replaced, never edited. A change of the budget i
 in force above the new budget is a cut: `cut` is set and the daemon's budget task enforces the
 newest budget once, however many changes arrived meanwhile (`take_cut` says since when the
 oldest of them waited). Any other change sets `more_room`, letting the next tick start early.
-Once `closing` is set nothing is handed on: the daemon is restoring.
+Once `closing` is set nothing is handed on: the daemon is restoring. An expiry bumps nothing
+(no message announces it), so a raise asks `may_raise`, which also reads the budget in force.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ class BudgetDesk:
 
     def next_expiry(self) -> float | None:
         return self.book.next_expiry(self._clock())
+
+    def may_raise(self, seq: int, planned_w: float | None) -> bool:
+        """Whether a raise planned under `planned_w` at `seq` may still go out: no budget has
+        arrived since, and none has expired into a lower one (an expiry is a cut that no
+        message announces). Asked before each raise, from the writing thread."""
+        if self.seq != seq:
+            return False
+        now_w = self.in_force().effective_w
+        return now_w is None or (planned_w is not None and now_w >= planned_w)
 
     # ---- the entry points (on the event loop) ----
 

@@ -12,7 +12,8 @@ Rules of this file:
 - Every power-limit write happens under the act lock, fitted to the budget in force at that
   moment. A lower budget is enforced at once by the budget task (coalesced: at most one
   enforcement pending, always for the newest budget); a raise is written only by a tick that
-  started after the newest budget arrived.
+  started after the newest budget arrived, and only while no budget has expired into a lower
+  one since the writes were fitted.
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ class Daemon:
         self, targets_w: Mapping[int, float], trigger: str, seq: int, arrived: float | None = None
     ) -> None:
         """Under the act lock: fit `targets_w` to the budget in force now and write them; a
-        raise only while no budget newer than `seq` has arrived (checked before each raise)."""
+        raise only while no budget newer than `seq` has arrived and the budget in force is not
+        lower than the one they were fitted to (both checked before each raise)."""
         budget = self.budget()
         current = self._limits_w()
         limits_w = fit_to_budget(targets_w, self.gpus, budget.effective_w).limits_w
@@ -292,7 +294,11 @@ class Daemon:
         if not writes:
             return
         self._writing = asyncio.ensure_future(
-            asyncio.to_thread(self.actuator.apply, writes, lambda: self.budgets.seq == seq)
+            asyncio.to_thread(
+                self.actuator.apply,
+                writes,
+                lambda: self.budgets.may_raise(seq, budget.effective_w),
+            )
         )
         result = await asyncio.shield(self._writing)
         self._written_at = time.monotonic()

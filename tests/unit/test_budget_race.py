@@ -253,3 +253,42 @@ async def test_a_flood_of_budgets_coalesces_and_never_starves_the_tick(tmp_path)
     # end at the GPU read's deadline, which is the loop holding its period, not starving.
     assert ticked >= 5, ticked
     assert audit.raises > raises_in_flood and audit.violations == []
+
+
+def test_a_budget_expiring_during_a_ticks_writes_stops_its_raises(tmp_path):
+    """An expiry is a cut that no message announces: a facility budget of 1400 W runs out
+    (the fallback, 900 W, takes over) while the tick that moves 400 W from GPU 0 to GPU 1 is
+    inside GPU 0's lowering. The raise planned under 1400 W must be held, not written over the
+    900 W now in force (it used to go out: 1000 W of limits over 900 W until the budget task
+    caught up)."""
+    host = MemoryHost(2)
+    controller = Scripted()
+    now = [1000.0]
+    book = BudgetBook(fallback_w=900.0, facility_expected=True).with_facility(
+        "facility", BudgetEntry(1400.0, expires_at=1010.0)
+    )
+    daemon = make_daemon(tmp_path, host, controller=controller, book=book, clock=lambda: now[0])
+    audit = Audit(host, daemon)
+    audit_set = host.on_set
+
+    def on_set(index: int, watts: float) -> None:
+        if index == 0 and watts == 300.0:
+            now[0] = 1010.0  # the facility budget expires inside GPU 0's lowering
+        assert audit_set is not None
+        audit_set(index, watts)
+
+    host.on_set = on_set
+
+    async def scenario() -> None:
+        audit.loop = asyncio.get_running_loop()
+        controller.targets = {0: 700.0, 1: 300.0}
+        assert await daemon.tick()
+        controller.targets = {0: 300.0, 1: 700.0}
+        assert await daemon.tick()
+        if daemon.budgets.cut.is_set():
+            await daemon.enforce_cut()
+
+    asyncio.run(scenario())
+    assert daemon.budget().effective_w == 900.0
+    assert audit.violations == []
+    assert {i: g.power_limit_w for i, g in host.gpus.items()} == {0: 300.0, 1: 300.0}

@@ -51,6 +51,7 @@ def make_daemon(
     port: MemoryBatchPort | None = None,
     notifier: Notifier | None = None,
     restore: Callable[[], Awaitable[object]] | None = None,
+    clock: Callable[[], float] = lambda: 1000.0,
 ) -> Daemon:
     metrics = Metrics()
     log = structlog.get_logger("test")
@@ -76,7 +77,7 @@ def make_daemon(
         log=log,
         period_s=period_s,
         notifier=notifier,
-        clock=lambda: 1000.0,
+        clock=clock,
         restore=restore,
     )
 
