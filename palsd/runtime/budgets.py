@@ -5,8 +5,10 @@ Rules of this file: the book is replaced, never edited. A change of the budget i
 in force above the new budget is a cut: `cut` is set and the daemon's budget task enforces the
 newest budget once, however many changes arrived meanwhile (`take_cut` says since when the
 oldest of them waited). Any other change sets `more_room`, letting the next tick start early.
-Once `closing` is set nothing is handed on: the daemon is restoring. An expiry bumps nothing
-(no message announces it), so a raise asks `may_raise`, which also reads the budget in force.
+Once `closing` is set nothing is handed on: the daemon is restoring. An expiry is handed on
+like an arrival, at its time, by `wait_cut` (the budget task's wait): no message announces it,
+and a tick cannot always meet it (its GPU read may fail). A raise asks `may_raise`, which also
+reads the budget in force, for the expiry that falls inside a write.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class BudgetDesk:
         self.closing = False
         self.price_per_mwh: float | None = None
         self._cut_since: float | None = None
+        self._known_w = self.in_force().effective_w  # the budget in force as last handed on
+        self._wake = asyncio.Event()  # a change or a cut: `wait_cut` looks again
 
     def in_force(self) -> BudgetInForce:
         return self.book.in_force(self._clock())
@@ -68,16 +72,33 @@ class BudgetDesk:
         self._change(replace(self.book, default_w=default_w, fallback_w=fallback_w))
 
     def _change(self, book: BudgetBook) -> None:
-        before = self.in_force().effective_w
         self.book = book
+        self._hand_on()
+        self._wake.set()  # the next expiry may be another one now
+
+    def _hand_on(self) -> None:
         budget = self.in_force()
-        if budget.effective_w != before:
+        if budget.effective_w != self._known_w:
             self.seq += 1
+            self._known_w = budget.effective_w
         self._metrics.report_budget(budget)
         if self.closing:
             return
         if not self.recheck():
             self.more_room.set()  # a cut is enforced by itself: an early tick would compete
+
+    async def wait_cut(self) -> None:
+        """Return once a cut is signalled; meanwhile hand each expiry on at its time, as if
+        the budget that takes over (the fallback, or the next lowest) had arrived then."""
+        while not self.cut.is_set():
+            self._wake.clear()
+            expiry = self.next_expiry()
+            timeout = None if expiry is None else max(0.0, expiry - self._clock())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                if self.in_force().effective_w != self._known_w:
+                    self._hand_on()
 
     def recheck(self) -> bool:
         """Signal a cut if the limits in force sum above the budget in force. Called when a
@@ -92,6 +113,7 @@ class BudgetDesk:
         if self._cut_since is None:
             self._cut_since = time.perf_counter()
         self.cut.set()
+        self._wake.set()
         return True
 
     def take_cut(self) -> float | None:

@@ -158,7 +158,7 @@ class Daemon:
 
     async def _enforce_cuts(self) -> None:
         while True:
-            await self.budgets.cut.wait()
+            await self.budgets.wait_cut()  # an arrival, or an expiry, that leaves limits over
             await self.enforce_cut()
 
     async def enforce_cut(self) -> None:

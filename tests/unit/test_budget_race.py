@@ -292,3 +292,29 @@ def test_a_budget_expiring_during_a_ticks_writes_stops_its_raises(tmp_path):
     assert daemon.budget().effective_w == 900.0
     assert audit.violations == []
     assert {i: g.power_limit_w for i, g in host.gpus.items()} == {0: 300.0, 1: 300.0}
+
+
+async def test_a_budget_expiring_while_gpu_reads_fail_is_enforced_by_the_budget_task(tmp_path):
+    """A cut that arrives while the GPU reads fail is enforced by the budget task (it needs no
+    read: it fits the limits palsd set). An expiry is a cut too, but only the tick used to meet
+    it, and a tick whose read fails writes nothing: 1400 W of limits stayed over the 900 W
+    fallback for as long as the reads kept failing."""
+    host = MemoryHost(2)
+    started = time.monotonic()
+    book = BudgetBook(fallback_w=900.0, facility_expected=True).with_facility(
+        "facility", BudgetEntry(1400.0, expires_at=1000.5)
+    )
+    daemon = make_daemon(
+        tmp_path,
+        host,
+        book=book,
+        period_s=0.05,
+        clock=lambda: 1000.0 + time.monotonic() - started,
+    )
+    async with daemon:
+        await until(lambda: daemon.last_tick_at is not None)
+        assert host.limit_sum_w() == 1400.0
+        host.fail_reads = True
+        await until(lambda: daemon.budget().effective_w == 900.0)
+        await until(lambda: host.limit_sum_w() <= 900.0, timeout_s=1.0)
+        assert daemon.gpu_stale_reason == "host gone"  # no tick did it
