@@ -25,7 +25,11 @@ async def put_back(
     drop what went back from it, and save what is left (or remove the record when nothing
     is): the record on disk always holds everything not yet back. GPU limits go through the
     actuator (the one choke point that clamps and counts every write). Never raises for one
-    failed write: it is logged, kept in the record, and the rest still go back."""
+    failed write: it is logged, kept in the record, and the rest still go back.
+
+    Nor for a record it cannot update (read-only or full state directory): what went back is
+    back, so that is a warning naming the file. The file left holds the old record, a superset
+    of what is not back, and a later restore from it puts the same originals back again."""
     chosen = originals if only is None else only
     targets = {i: float(e["limit_w"]) for i, e in originals.gpus.items() if i in chosen.gpus}
     result = await asyncio.to_thread(actuator.restore, targets)
@@ -42,8 +46,18 @@ async def put_back(
             continue
         originals.servers.pop(name)
         log.info("batch_limit_restored", server=name, limit=entry["batch_limit"])
-    if originals.empty():
-        store.clear()
-    else:
-        store.save(originals)
+    try:
+        if originals.empty():
+            store.clear()
+        else:
+            store.save(originals)
+    except OSError as err:
+        log.warning(
+            "originals_record_left",
+            path=str(store.path),
+            error=err.strerror or str(err),
+            not_restored={"gpus": sorted(originals.gpus), "servers": sorted(originals.servers)},
+            action="the limits restored are back; remove the file once the state directory "
+            "is writable (or run `palsd restore` again then: it puts the same originals back)",
+        )
     return result

@@ -111,3 +111,41 @@ def test_unwritable_state_dir_changes_nothing_and_restore_has_what_it_needs(
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert gpu_limits(sim) == before
+
+
+@pytest.mark.skipif(_mount_reason() is not None, reason=str(_mount_reason()))
+def test_restore_on_a_read_only_state_dir_puts_the_limits_back_and_says_the_record_is_left(
+    tmp_path: Path,
+) -> None:
+    """The record cannot be removed, but every limit is back: exit 0 (systemd's ExecStopPost
+    must not report a failure the GPUs do not have) with a warning naming the file; once the
+    directory is writable again, the next restore is still correct and removes it."""
+    with tiny_tmpfs(tmp_path / "state") as state, sim_host(tmp_path, gpus=4, servers=2) as sim:
+        before = gpu_limits(sim)
+        budget_w = 0.6 * sum(before.values())
+        cfg = palsd_config(sim, tmp_path, budget={"default_w": budget_w})
+        with palsd(tmp_path, cfg) as d:
+            wait_until(lambda: sum(gpu_limits(sim).values()) <= budget_w, 30, "limits lowered")
+            assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+
+        def restore() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*PALSD, "restore", "--config", str(tmp_path / "palsd.yaml")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        proc = restore()
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out  # was 1: "cannot update .../originals.json"
+        assert gpu_limits(sim) == before
+        assert "originals_record_left" in out and str(state / "originals.json") in out, out
+        assert (state / "originals.json").exists()
+
+        subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)
+        proc = restore()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert gpu_limits(sim) == before
+        assert not (state / "originals.json").exists()
