@@ -129,7 +129,7 @@ class Observation:
     gpus: tuple[GpuObservation, ...]
     servers: tuple[ServerObservation, ...]
     budget: BudgetInForce
-    price_per_mwh: float | None = None
+    price_per_mwh: float | None = None  # None: no price received, or the last one expired
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class BudgetDesk:
         self.cut = asyncio.Event()
         self.more_room = asyncio.Event()
         self.closing = False
-        self.price_per_mwh: float | None = None
+        self._price: tuple[float, float | None] | None = None  # (per MWh, expires_at)
         self._cut_since: float | None = None
         self._known_w = self.in_force().effective_w  # the budget in force as last handed on
         self._wake = asyncio.Event()  # a change or a cut: `wait_cut` looks again
@@ -46,6 +46,15 @@ class BudgetDesk:
 
     def next_expiry(self) -> float | None:
         return self.book.next_expiry(self._clock())
+
+    @property
+    def price_per_mwh(self) -> float | None:
+        """The electricity price in force: None before the first and once the last one has
+        expired (a stale price is no price, like a budget past its expiry)."""
+        if self._price is None:
+            return None
+        price, expires_at = self._price
+        return price if expires_at is None or self._clock() < expires_at else None
 
     def may_raise(self, seq: int, planned_w: float | None) -> bool:
         """Whether a raise planned under `planned_w` at `seq` may still go out: no budget has
@@ -66,7 +75,7 @@ class BudgetDesk:
         self._change(self.book.with_facility(origin, entry))
 
     def price(self, price_per_mwh: float, expires_at: float | None) -> None:
-        self.price_per_mwh = price_per_mwh
+        self._price = (price_per_mwh, expires_at)
 
     def replace_config(self, default_w: float | None, fallback_w: float | None) -> None:
         self._change(replace(self.book, default_w=default_w, fallback_w=fallback_w))

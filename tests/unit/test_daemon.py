@@ -18,7 +18,7 @@ from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
 from palsd.core.budget import BudgetBook, BudgetEntry
 from palsd.core.demand_split import DemandSplitController
-from palsd.core.types import Controller, Slo
+from palsd.core.types import Controller, Decision, Observation, Slo
 from palsd.report.metrics import Metrics
 from palsd.runtime.daemon import Daemon, ServerLink
 from palsd.runtime.notify import Notifier
@@ -245,3 +245,27 @@ async def test_a_failing_task_stops_the_daemon_and_still_restores(tmp_path):
     else:
         raise AssertionError("the failure must surface")
     assert restored == [True]
+
+
+async def test_an_expired_price_is_absent_from_the_controllers_observation(tmp_path):
+    """A price is observed until its expiry, then it is None: a stale price is no price."""
+
+    class Recording(DemandSplitController):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prices: list[float | None] = []
+
+        def decide(self, obs: Observation) -> Decision:
+            self.prices.append(obs.price_per_mwh)
+            return super().decide(obs)
+
+    now = [1000.0]
+    controller = Recording()
+    daemon = make_daemon(tmp_path, MemoryHost(2), controller=controller, clock=lambda: now[0])
+    daemon.budgets.price(87.5, expires_at=1010.0)
+    assert await daemon.tick()
+    now[0] = 1010.0
+    assert await daemon.tick()
+    daemon.budgets.price(-3.0, expires_at=None)  # a price without expiry holds until replaced
+    assert await daemon.tick()
+    assert controller.prices == [87.5, None, -3.0]
