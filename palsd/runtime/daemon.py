@@ -230,7 +230,6 @@ class Daemon:
                 replace(g, power_limit_w=known.get(g.index, g.power_limit_w)) for g in gpus
             )
         self.gpus, self.gpu_stale_reason = gpus, None
-        self.actuator.know(gpus)
         return gpus
 
     def _pairs(self) -> list[tuple[ServerLink, ServerObservation | None]]:
@@ -293,6 +292,10 @@ class Daemon:
         writes = order_writes(current, limits_w, budget_w=budget.effective_w)
         if not writes:
             return
+        # The actuator tells lowerings from raises by the limits it knows: give it palsd's
+        # view now, under the lock. A read that returned while a write was in flight carries
+        # the limits from before it, and a raise taken for a lowering goes out with them.
+        self.actuator.know(self.gpus)
         self._writing = asyncio.ensure_future(
             asyncio.to_thread(
                 self.actuator.apply,
