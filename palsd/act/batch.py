@@ -5,18 +5,22 @@ Contract: GET answers {"max_num_seqs", "limit", "running", "waiting"}; PUT {"lim
 1 <= N <= max_num_seqs answers the same object, anything else a 4xx with {"error": reason}.
 An optional bearer token guards both. Every call is bounded in time (timeout x attempts plus
 backoff), so a dead server cannot stall the control loop.
+
+Each client keeps one connection to its server alive (palsd.sense.http_get, the scrapes' lean
+client): the batch task reads every few seconds, and through httpx each read cost about 3 ms of
+CPU, a fifth of what the daemon spent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from palsd.core.types import BatchControl
 from palsd.errors import PalsdError
+from palsd.sense.http_get import HttpGetError, HttpGetTimeout, Page, PageGetter
 
 BATCH_LIMIT_PATH = "/pals/v1/batch-limit"
 
@@ -93,34 +97,38 @@ def parse_state(body: Any) -> BatchLimitState:
     )
 
 
-def _error_text(resp: httpx.Response) -> str:
+def _error_text(resp: Page) -> str:
     try:
-        body = resp.json()
+        body = json.loads(resp.body)
         if isinstance(body, dict) and "error" in body:
             return str(body["error"])
     except ValueError:
         pass
-    return resp.text[:200] or resp.reason_phrase
+    return resp.text[:200] or resp.reason
 
 
 class BatchLimitClient:
-    """One server's batch-limit endpoint. `url` is the server's base URL."""
+    """One server's batch-limit endpoint. `url` is the server's base URL. Calls go one at a
+    time over one kept-alive connection; `close()` closes it (a later call opens another)."""
 
     def __init__(
         self,
         url: str,
-        client: httpx.AsyncClient,
         token: str | None = None,
         timeout_s: float = 1.0,
         attempts: int = 3,
         backoff_s: float = 0.1,
     ) -> None:
         self.url = url.rstrip("/") + BATCH_LIMIT_PATH
-        self._client = client
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = PageGetter(self.url, headers=headers, accept="application/json")
+        self._one_at_a_time = asyncio.Lock()  # the batch task and the restore at exit
         self._timeout_s = timeout_s
         self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
+
+    def close(self) -> None:
+        self._http.close()
 
     async def get(self) -> BatchLimitState:
         """The server's current state. One attempt: the caller polls again, so retrying here
@@ -144,39 +152,33 @@ class BatchLimitClient:
                 await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
             try:
                 resp = await self._request(method, body)
-            except httpx.TimeoutException:
+            except HttpGetTimeout:
                 last = BatchLimitUnavailable(self.url, f"timed out after {self._timeout_s:g} s")
                 continue
-            except httpx.HTTPError as e:
-                last = BatchLimitUnavailable(self.url, f"unreachable ({type(e).__name__}: {e})")
+            except HttpGetError as e:
+                last = BatchLimitUnavailable(self.url, f"unreachable ({e})")
                 continue
-            if resp.status_code >= 500 and resp.status_code != 501:
+            if resp.status >= 500 and resp.status != 501:
                 # 501 is final: the plugin half in the engine is missing or vLLM is too old.
-                last = BatchLimitUnavailable(
-                    self.url, f"HTTP {resp.status_code}: {_error_text(resp)}"
-                )
+                last = BatchLimitUnavailable(self.url, f"HTTP {resp.status}: {_error_text(resp)}")
                 continue
             return self._answer(resp)
         assert last is not None
         raise last
 
-    async def _request(self, method: str, body: dict[str, int] | None) -> httpx.Response:
+    async def _request(self, method: str, body: dict[str, int] | None) -> Page:
         """One request. vLLM closes a connection idle for 5 s; when it drops a kept-alive one
-        unanswered, a GET is sent once more at once (on a fresh connection), so a server that
-        is up is never reported unreachable for it. A PUT is left to the attempts above."""
-        try:
-            return await self._client.request(
-                method, self.url, json=body, headers=self._headers, timeout=self._timeout_s
-            )
-        except (httpx.RemoteProtocolError, httpx.ReadError):
-            if method != "GET":
-                raise
-        return await self._client.request(
-            method, self.url, json=body, headers=self._headers, timeout=self._timeout_s
-        )
+        unanswered, a GET is sent once more at once (on a fresh connection, by PageGetter), so
+        a server that is up is never reported unreachable for it. A PUT is left to the
+        attempts above."""
+        async with self._one_at_a_time:
+            if body is None:
+                return await self._http.request(method, self._timeout_s)
+            data = json.dumps(body, separators=(",", ":")).encode()
+            return await self._http.request(method, self._timeout_s, data)
 
-    def _answer(self, resp: httpx.Response) -> BatchLimitState:
-        code = resp.status_code
+    def _answer(self, resp: Page) -> BatchLimitState:
+        code = resp.status
         if code in (401, 403):
             raise BatchLimitUnauthorized(
                 self.url, f"HTTP {code}: {_error_text(resp)} (check the token on both sides)"
@@ -192,6 +194,6 @@ class BatchLimitClient:
         if code >= 400:
             raise BatchLimitRejected(self.url, f"HTTP {code}: {_error_text(resp)}")
         try:
-            return parse_state(resp.json())
+            return parse_state(json.loads(resp.body))
         except ValueError as e:
             raise BatchLimitUnavailable(self.url, f"malformed answer: {e}") from e

@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from palsd import __version__
 from palsd.act.originals import Originals, OriginalsStore
 from palsd.act.power import PowerActuator
@@ -40,8 +38,8 @@ from palsd.runtime.daemon import Daemon
 from palsd.runtime.instance_lock import claim
 from palsd.runtime.notify import Notifier
 from palsd.runtime.wiring import (
+    batch_ports,
     make_backend,
-    make_batch_ports,
     make_controller,
     make_server_links,
     read_secret,
@@ -151,8 +149,7 @@ async def serve(cfg: PalsdConfig, config_path: Path, forced_dry_run: bool = Fals
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
-    async with httpx.AsyncClient() as client:
-        ports = make_batch_ports(cfg, client)
+    with batch_ports(cfg) as ports:
         if not cfg.control.dry_run:
             await reconcile(store, actuator, ports, gpus, log)
 
@@ -166,7 +163,7 @@ async def serve(cfg: PalsdConfig, config_path: Path, forced_dry_run: bool = Fals
             actuator=actuator,
             controller=make_controller(cfg),
             servers=make_server_links(
-                cfg, client, ports, metrics=metrics, log=log, record_original=actuator.record_server
+                cfg, ports, metrics=metrics, log=log, record_original=actuator.record_server
             ),
             book=BudgetBook(
                 cfg.budget.default_w, cfg.budget.fallback_w, facility_expected=cfg.mqtt.enabled

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import httpx
 
 from palsd.act.batch import BatchLimitClient
 from palsd.config import PalsdConfig, ServerConfig
@@ -69,19 +68,30 @@ def read_secret(path: Path | None) -> str | None:
     return path.read_text().strip()
 
 
-def make_batch_ports(cfg: PalsdConfig, client: httpx.AsyncClient) -> dict[str, BatchLimitClient]:
-    """Each server's batch-limit endpoint client, by server name. Reads the token files."""
+def make_batch_ports(cfg: PalsdConfig, client: object = None) -> dict[str, BatchLimitClient]:
+    """Each server's batch-limit endpoint client, by server name. Reads the token files.
+
+    Each client keeps its own connection (`batch_ports` closes them). `client` is not used:
+    `palsd restore` (act/restore_cli.py) still passes the httpx client these once shared."""
     return {
-        s.name: BatchLimitClient(
-            s.url, client, read_secret(s.admin_token_file), cfg.scrape.timeout_s
-        )
+        s.name: BatchLimitClient(s.url, read_secret(s.admin_token_file), cfg.scrape.timeout_s)
         for s in cfg.servers
     }
 
 
+@contextmanager
+def batch_ports(cfg: PalsdConfig) -> Iterator[dict[str, BatchLimitClient]]:
+    """make_batch_ports, their connections closed on the way out."""
+    ports = make_batch_ports(cfg)
+    try:
+        yield ports
+    finally:
+        for port in ports.values():
+            port.close()
+
+
 def make_server_links(
     cfg: PalsdConfig,
-    client: httpx.AsyncClient,
     ports: Mapping[str, BatchLimitClient],
     *,
     metrics: Metrics,

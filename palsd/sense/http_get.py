@@ -1,9 +1,11 @@
-"""A lean HTTP/1.1 GET over one kept-alive asyncio connection: how palsd scrapes /metrics.
+"""A lean HTTP/1.1 client over one kept-alive asyncio connection: how palsd scrapes /metrics
+and calls the batch-limit endpoint.
 
 Why not httpx here: a daemon scrapes every server every tick (16 pages of ~50 KB a second for
-8 servers at 2 Hz), and httpx's layers (URL model, auth and redirect handling, anyio streams,
-a connection pool) cost about 3 ms of CPU per GET, more than parsing the page. This is only
-what a scrape needs: one connection per server, `GET path`, a status line, headers, a body
+8 servers at 2 Hz) and reads each server's batch limit every few seconds, and httpx's layers
+(URL model, auth and redirect handling, anyio streams, a connection pool) cost about 3 ms of
+CPU per request, more than parsing a page. This is only what those calls need: one connection
+per URL, `METHOD path` with fixed headers and an optional body, a status line, headers, a body
 sized by Content-Length, chunks or the connection's close. httpx stays where calls are rare.
 
 Rules of this file:
@@ -12,7 +14,8 @@ Rules of this file:
   closed, never reused.
 - A GET on a kept-alive connection that the server dropped without answering (uvicorn closes
   idle ones after 5 s) is sent once more on a fresh connection (`reconnects` counts them);
-  a GET is safe to repeat, and one repeat bounds the cost.
+  a GET is safe to repeat, and one repeat bounds the cost. Any other method is not repeated
+  here: the error goes to the caller, who decides (the batch-limit client retries a PUT).
 - A body above `max_bytes` is refused, not read.
 - Errors are `HttpGetError` with a message for logs and status; a timeout is `HttpGetTimeout`.
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 MAX_BYTES = 16 * 1024 * 1024  # a vLLM page is ~50 KB; anything near this is not one
@@ -43,6 +48,7 @@ class _Dropped(HttpGetError):
 class Page:
     status: int
     body: bytes
+    reason: str = ""  # the status line's phrase ("Not Found"); the standard one if it had none
 
     @property
     def text(self) -> str:
@@ -51,9 +57,16 @@ class Page:
 
 
 class PageGetter:
-    """GETs of one URL over one kept-alive connection."""
+    """Requests to one URL over one kept-alive connection: GETs of a page, and the few other
+    calls of a small JSON endpoint. `headers` go with every request (e.g. Authorization)."""
 
-    def __init__(self, url: str, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_bytes: int = MAX_BYTES,
+        headers: Mapping[str, str] | None = None,
+        accept: str = "text/plain, */*",
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -61,12 +74,14 @@ class PageGetter:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._tls = parts.scheme == "https"
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         netloc = parts.netloc.rsplit("@", 1)[-1]  # never send credentials in the Host header
-        self._request = (
-            f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nAccept: text/plain, */*\r\n"
-            "User-Agent: palsd\r\n\r\n"
-        ).encode("ascii")
+        fixed = {"Host": netloc, "Accept": accept, "User-Agent": "palsd", **(headers or {})}
+        for name, value in fixed.items():
+            if any(c in f"{name}{value}" for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} holds a line break or NUL")
+        self._headers = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
+        self._get_request = self._request_bytes("GET", None, "")
         self.max_bytes = max_bytes
         self.reconnects = 0
         self._reader: asyncio.StreamReader | None = None
@@ -74,16 +89,40 @@ class PageGetter:
 
     async def get(self, timeout_s: float) -> Page:
         """One GET; raises HttpGetError (HttpGetTimeout when no answer came in time)."""
+        return await self._send(self._get_request, timeout_s, repeatable=True)
+
+    async def request(
+        self,
+        method: str,
+        timeout_s: float,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Page:
+        """One request of `method` with `body` (sent with `content_type`); raises HttpGetError
+        (HttpGetTimeout when no answer came in time). Only a GET is sent twice (see above)."""
+        request = self._request_bytes(method, body, content_type)
+        return await self._send(request, timeout_s, repeatable=method == "GET")
+
+    def _request_bytes(self, method: str, body: bytes | None, content_type: str) -> bytes:
+        if body is None:
+            return f"{method} {self._path} HTTP/1.1\r\n{self._headers}\r\n".encode("latin-1")
+        head = (
+            f"{method} {self._path} HTTP/1.1\r\n{self._headers}"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode("latin-1") + body
+
+    async def _send(self, request: bytes, timeout_s: float, repeatable: bool) -> Page:
         reused = self._writer is not None and not self._reader_at_eof()
         if not reused:
             self.close()
         try:
-            return await self._attempt(timeout_s)
+            return await self._attempt(request, timeout_s)
         except _Dropped:
-            if not reused:
+            if not (reused and repeatable):
                 raise
             self.reconnects += 1
-            return await self._attempt(timeout_s)
+            return await self._attempt(request, timeout_s)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -93,11 +132,11 @@ class PageGetter:
     def _reader_at_eof(self) -> bool:
         return self._reader is None or self._reader.at_eof()
 
-    async def _attempt(self, timeout_s: float) -> Page:
+    async def _attempt(self, request: bytes, timeout_s: float) -> Page:
         done = False
         try:
             async with asyncio.timeout(timeout_s):
-                page, keep = await self._exchange()
+                page, keep = await self._exchange(request)
             done = True
             return page
         except TimeoutError:
@@ -114,7 +153,7 @@ class PageGetter:
             if not done or not keep:
                 self.close()  # half-read, failed or cancelled: its state is unknown
 
-    async def _exchange(self) -> tuple[Page, bool]:
+    async def _exchange(self, request: bytes) -> tuple[Page, bool]:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(
                 self._host,
@@ -124,7 +163,7 @@ class PageGetter:
             )
         reader, writer = self._reader, self._writer
         assert reader is not None
-        writer.write(self._request)
+        writer.write(request)
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, _, header_block = head.decode("latin-1").partition("\r\n")
@@ -132,6 +171,7 @@ class PageGetter:
         if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
             raise ValueError(f"bad status line {status_line[:80]!r}")
         status = int(rest[:3])
+        reason = rest[4:].strip() or _standard_phrase(status)
         headers: dict[str, str] = {}
         for line in header_block.split("\r\n"):
             name, sep, value = line.partition(":")
@@ -158,7 +198,7 @@ class PageGetter:
             if len(body) > self.max_bytes:
                 raise ValueError(f"body over the {self.max_bytes} bytes allowed")
             keep = False
-        return Page(status, body), keep
+        return Page(status, body, reason), keep
 
     async def _chunked(self, reader: asyncio.StreamReader) -> bytes:
         parts: list[bytes] = []
@@ -176,3 +216,10 @@ class PageGetter:
             parts.append(await reader.readexactly(size))
             if await reader.readexactly(2) != b"\r\n":
                 raise ValueError("chunk not followed by CRLF")
+
+
+def _standard_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""

@@ -5,12 +5,12 @@ period, says why the server is stale, and only completed ticks feed the watchdog
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import structlog
 
@@ -58,7 +58,7 @@ async def test_a_hung_server_does_not_stretch_the_tick(tmp_path: Path, hung_serv
     log = structlog.get_logger("test")
     actuator = PowerActuator(host, OriginalsStore(tmp_path), metrics, log, dry_run=False)
     notifier = SentNotifier()
-    async with httpx.AsyncClient() as client:
+    with contextlib.closing(BatchLimitClient(hung_server, None, SCRAPE_TIMEOUT_S)) as batch:
         link = ServerLink(
             "hung",
             hung_server,
@@ -68,7 +68,7 @@ async def test_a_hung_server_does_not_stretch_the_tick(tmp_path: Path, hung_serv
             BatchActuator(
                 "hung",
                 hung_server,
-                BatchLimitClient(hung_server, client, None, SCRAPE_TIMEOUT_S),
+                batch,
                 log=log,
                 metrics=metrics,
                 record_original=actuator.record_server,

@@ -219,14 +219,14 @@ async def _running(client: httpx.AsyncClient, server: Server) -> tuple[float, fl
     return engine.running or 0.0, engine.waiting or 0.0
 
 
-def _batch(client: httpx.AsyncClient, server: Server, token: str | None = None) -> BatchLimitClient:
-    return BatchLimitClient(server.url, client, token=token or server.token, timeout_s=STALL_S)
+def _batch(server: Server, token: str | None = None) -> BatchLimitClient:
+    return BatchLimitClient(server.url, token=token or server.token, timeout_s=STALL_S)
 
 
 async def test_probe_vllm_reports_the_requests_and_tokens_sent(vllm_server: Server) -> None:
     server, n_requests, max_tokens = vllm_server, 6, 32
     async with _client() as client:
-        await _batch(client, server).set(MAX_NUM_SEQS)
+        await _batch(server).set(MAX_NUM_SEQS)
         before = server.metrics_gets()
         probe = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "palsd.cli.palsd", "probe-vllm", server.url,
@@ -328,7 +328,7 @@ async def test_batch_limit_holds_running_requests_and_raising_it_lets_them_in(
         return running == limit and waiting > 0
 
     async with _client() as client:
-        batch = _batch(client, server)
+        batch = _batch(server)
         assert (await batch.set(MAX_NUM_SEQS)).limit == MAX_NUM_SEQS
         state = await batch.set(limit)
         assert state == BatchLimitState(
@@ -375,7 +375,7 @@ async def test_bad_put_is_rejected_and_changes_nothing(vllm_server: Server) -> N
     its status and exactly its error body, and the limit unchanged after each."""
     server = vllm_server
     async with _client() as client:
-        batch = _batch(client, server)
+        batch = _batch(server)
         await batch.set(3)
         url = server.url + "/pals/v1/batch-limit"
         auth = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"}
@@ -386,7 +386,7 @@ async def test_bad_put_is_rejected_and_changes_nothing(vllm_server: Server) -> N
             await batch.set(MAX_NUM_SEQS + 1)
         # A wrong or missing token changes nothing either.
         with pytest.raises(BatchLimitUnauthorized):
-            await _batch(client, server, token="wrong").set(5)
+            await _batch(server, token="wrong").set(5)
         missing = await client.put(url, json={"limit": 5})
         assert missing.status_code == 401 and missing.json() == {
             "error": "missing or wrong bearer token"
@@ -490,9 +490,8 @@ def test_with_no_token_and_only_the_endpoint_half_vllm_refuses_and_says_why_at_s
             assert "--api-key" in error and "PALSD_PLUGIN_OPEN=1" in error, error
 
         async def via_client() -> None:
-            async with _client() as client:
-                with pytest.raises(BatchLimitUnauthorized, match="no token configured"):
-                    await _batch(client, server, token="x").set(2)
+            with pytest.raises(BatchLimitUnauthorized, match="no token configured"):
+                await _batch(server, token="x").set(2)
 
         asyncio.run(via_client())
         [line] = [

@@ -7,10 +7,9 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import web
 
@@ -38,12 +37,6 @@ async def serve(routes: list[tuple[str, str, Handler]]) -> tuple[web.AppRunner, 
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
 
 
 def _closed_port() -> int:
@@ -195,11 +188,11 @@ class ContractServer:
         return await serve([("GET", PATH, self.get), ("PUT", PATH, self.put)])
 
 
-async def test_batch_client_sets_and_reads_the_limit(client: httpx.AsyncClient) -> None:
+async def test_batch_client_sets_and_reads_the_limit() -> None:
     peer = ContractServer(token="t0k")
     runner, url = await peer.start()
     try:
-        batch = BatchLimitClient(url, client, token="t0k", timeout_s=2.0)
+        batch = BatchLimitClient(url, token="t0k", timeout_s=2.0)
         before = await batch.get()
         after = await batch.set(2)
     finally:
@@ -208,11 +201,11 @@ async def test_batch_client_sets_and_reads_the_limit(client: httpx.AsyncClient) 
     assert after.limit == 2 and peer.state["limit"] == 2
 
 
-async def test_batch_client_names_a_rejected_value(client: httpx.AsyncClient) -> None:
+async def test_batch_client_names_a_rejected_value() -> None:
     peer = ContractServer(token=None)
     runner, url = await peer.start()
     try:
-        batch = BatchLimitClient(url, client, timeout_s=2.0)
+        batch = BatchLimitClient(url, timeout_s=2.0)
         with pytest.raises(BatchLimitRejected, match="between 1 and max_num_seqs=8"):
             await batch.set(9)
     finally:
@@ -220,11 +213,11 @@ async def test_batch_client_names_a_rejected_value(client: httpx.AsyncClient) ->
     assert peer.state["limit"] == 8 and peer.calls == 1  # a 4xx is not retried
 
 
-async def test_batch_client_reports_a_token_mismatch(client: httpx.AsyncClient) -> None:
+async def test_batch_client_reports_a_token_mismatch() -> None:
     peer = ContractServer(token="right")
     runner, url = await peer.start()
     try:
-        batch = BatchLimitClient(url, client, token="wrong", timeout_s=2.0)
+        batch = BatchLimitClient(url, token="wrong", timeout_s=2.0)
         with pytest.raises(BatchLimitUnauthorized, match="token"):
             await batch.set(4)
         with pytest.raises(BatchLimitUnauthorized):  # a read says so too: nothing swallowed
@@ -233,22 +226,22 @@ async def test_batch_client_reports_a_token_mismatch(client: httpx.AsyncClient) 
         await runner.cleanup()
 
 
-async def test_batch_client_retries_5xx_with_backoff(client: httpx.AsyncClient) -> None:
+async def test_batch_client_retries_5xx_with_backoff() -> None:
     peer = ContractServer(token=None, fail_first=2)
     runner, url = await peer.start()
     try:
-        batch = BatchLimitClient(url, client, timeout_s=2.0, attempts=3, backoff_s=0.01)
+        batch = BatchLimitClient(url, timeout_s=2.0, attempts=3, backoff_s=0.01)
         state = await batch.set(5)
     finally:
         await runner.cleanup()
     assert state.limit == 5 and peer.calls == 3
 
 
-async def test_batch_client_gives_up_after_its_attempts(client: httpx.AsyncClient) -> None:
+async def test_batch_client_gives_up_after_its_attempts() -> None:
     peer = ContractServer(token=None, fail_first=100)
     runner, url = await peer.start()
     try:
-        batch = BatchLimitClient(url, client, timeout_s=2.0, attempts=3, backoff_s=0.01)
+        batch = BatchLimitClient(url, timeout_s=2.0, attempts=3, backoff_s=0.01)
         with pytest.raises(BatchLimitUnavailable, match="HTTP 503: engine busy"):
             await batch.set(5)
     finally:
@@ -256,24 +249,22 @@ async def test_batch_client_gives_up_after_its_attempts(client: httpx.AsyncClien
     assert peer.calls == 3
 
 
-async def test_batch_client_explains_a_missing_plugin(client: httpx.AsyncClient) -> None:
+async def test_batch_client_explains_a_missing_plugin() -> None:
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     runner, url = await serve([("GET", "/health", health)])
     try:
-        batch = BatchLimitClient(url, client, timeout_s=2.0)
+        batch = BatchLimitClient(url, timeout_s=2.0)
         with pytest.raises(BatchLimitUnavailable, match="VLLM_PLUGINS"):
             await batch.set(4)
     finally:
         await runner.cleanup()
 
 
-async def test_batch_client_of_an_unreachable_server_fails_fast(
-    client: httpx.AsyncClient,
-) -> None:
+async def test_batch_client_of_an_unreachable_server_fails_fast() -> None:
     batch = BatchLimitClient(
-        f"http://127.0.0.1:{_closed_port()}", client, timeout_s=0.5, attempts=2, backoff_s=0.01
+        f"http://127.0.0.1:{_closed_port()}", timeout_s=0.5, attempts=2, backoff_s=0.01
     )
     t0 = time.monotonic()
     with pytest.raises(BatchLimitUnavailable, match="unreachable"):
@@ -284,7 +275,7 @@ async def test_batch_client_of_an_unreachable_server_fails_fast(
     assert time.monotonic() - t0 < 3 * 0.5 + 1.0
 
 
-async def test_batch_client_does_not_retry_a_501(client: httpx.AsyncClient) -> None:
+async def test_batch_client_does_not_retry_a_501() -> None:
     calls = 0
 
     async def not_implemented(_: web.Request) -> web.Response:
@@ -294,7 +285,7 @@ async def test_batch_client_does_not_retry_a_501(client: httpx.AsyncClient) -> N
 
     runner, url = await serve([("PUT", PATH, not_implemented)])
     try:
-        batch = BatchLimitClient(url, client, timeout_s=2.0, attempts=3, backoff_s=0.01)
+        batch = BatchLimitClient(url, timeout_s=2.0, attempts=3, backoff_s=0.01)
         with pytest.raises(BatchLimitUnavailable, match="engine-side plugin"):
             await batch.set(4)
     finally:
@@ -302,9 +293,7 @@ async def test_batch_client_does_not_retry_a_501(client: httpx.AsyncClient) -> N
     assert calls == 1
 
 
-async def test_batch_client_reads_again_when_the_server_dropped_a_kept_alive_connection(
-    client: httpx.AsyncClient,
-) -> None:
+async def test_batch_client_reads_again_when_the_server_dropped_a_kept_alive_connection() -> None:
     """The batch task's GET meets the same idle-connection close as the scraper: the read is
     sent once more on a fresh connection, so a server that is up never shows `unreachable`."""
     body = b'{"max_num_seqs": 8, "limit": 4, "running": 1, "waiting": 0}'
@@ -327,7 +316,7 @@ async def test_batch_client_reads_again_when_the_server_dropped_a_kept_alive_con
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        batch = BatchLimitClient(f"http://127.0.0.1:{port}", client, timeout_s=5.0)
+        batch = BatchLimitClient(f"http://127.0.0.1:{port}", timeout_s=5.0)
         first = await batch.get()
         second = await batch.get()
     finally:
@@ -335,3 +324,93 @@ async def test_batch_client_reads_again_when_the_server_dropped_a_kept_alive_con
         await server.wait_closed()
     assert first.limit == second.limit == 4
     assert connections == 2
+
+
+async def test_batch_client_keeps_one_connection_and_sends_its_token() -> None:
+    """Reads and writes go over one kept-alive connection, each with the bearer token and a
+    JSON body the plugin's own parser takes (ContractServer checks both)."""
+    peer = ContractServer(token="t0k")
+    runner, url = await peer.start()
+    batch = BatchLimitClient(url, token="t0k", timeout_s=2.0)
+    try:
+        for limit in (3, 5):
+            assert (await batch.set(limit)).limit == limit
+            assert (await batch.get()).limit == limit
+        connections = len(runner.server.connections) if runner.server else 0
+    finally:
+        batch.close()
+        await runner.cleanup()
+    assert connections == 1 and peer.calls == 4
+
+
+async def test_batch_client_does_not_resend_a_put_on_a_dropped_connection() -> None:
+    """A PUT that met a kept-alive connection closed unanswered is not repeated at once (only
+    a GET is): that attempt fails (with one attempt, the call), and the next one goes out on a
+    fresh connection."""
+    body = b'{"max_num_seqs": 8, "limit": 4, "running": 1, "waiting": 0}'
+    connections, puts = 0, 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections, puts
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"PUT"):
+            puts += 1
+            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            assert await reader.readexactly(length) == b'{"limit":4}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    batch = BatchLimitClient(f"http://127.0.0.1:{port}", timeout_s=5.0, attempts=1)
+    try:
+        await batch.get()
+        with pytest.raises(BatchLimitUnavailable, match="unreachable"):
+            await batch.set(4)
+        assert (connections, puts) == (1, 0)
+        state = await batch.set(4)
+    finally:
+        batch.close()
+        server.close()
+        await server.wait_closed()
+    assert state.limit == 4 and (connections, puts) == (2, 1)
+
+
+async def test_batch_client_times_out_and_names_an_empty_refusal() -> None:
+    """A server that never answers costs one timeout per attempt; a 4xx without a body is
+    named by its status line's phrase."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    async def conflict(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 409 Conflict\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    for handle in (silent, conflict):
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        batch = BatchLimitClient(url, timeout_s=0.2, attempts=2, backoff_s=0.01)
+        t0 = time.monotonic()
+        try:
+            if handle is silent:
+                with pytest.raises(BatchLimitUnavailable, match=r"timed out after 0\.2 s"):
+                    await batch.set(4)
+                assert time.monotonic() - t0 < 2 * 0.2 + 1.0
+            else:
+                with pytest.raises(BatchLimitRejected, match="HTTP 409: Conflict"):
+                    await batch.get()
+        finally:
+            batch.close()
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
