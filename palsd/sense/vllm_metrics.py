@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -69,6 +69,8 @@ _DISPATCH: dict[str, tuple[str, str, int, str]] = {
         for sfx in ("_bucket", "_count", "_sum")
     },
 }
+# The same, keyed by the name without its `vllm:` (as the sample pattern captures it).
+_DISPATCH_SHORT = {name.removeprefix("vllm:"): how for name, how in _DISPATCH.items()}
 
 # A sample line of a wanted family: `vllm:name{labels} value [timestamp]`, searched in the
 # page with a newline put in front. The literal "\nvllm:" lets the regex engine skip ahead
@@ -208,8 +210,11 @@ def _hist_acc(acc: _Acc, fld: str, rank: int) -> _HistAcc | None:
     return acc.hists[fld]
 
 
-def _add_sample(acc: _Acc, name: str, labels: Mapping[str, str], value: float) -> None:
-    kind, fld, rank, part = _DISPATCH[name]
+def _add_sample(
+    acc: _Acc, name: str, labels: Mapping[str, str], le: float | None, value: float
+) -> None:
+    """`name` without its `vllm:`; `le` the parsed `le` label, None when absent or bad."""
+    kind, fld, rank, part = _DISPATCH_SHORT[name]
     if kind == "gauge":
         _add_rank(acc.gauges, fld, rank, value)
     elif kind == "counter":
@@ -219,7 +224,8 @@ def _add_sample(acc: _Acc, name: str, labels: Mapping[str, str], value: float) -
         if hist is None:
             return
         if part == "_bucket":
-            le = _parse_le(labels.get("le"), name)
+            if le is None:  # raises, naming what is wrong with it
+                le = _parse_le(labels.get("le"), "vllm:" + name)
             hist.buckets[le] = hist.buckets.get(le, 0.0) + value
         elif part == "_count":
             hist.count += value
@@ -294,30 +300,25 @@ def _labels(raw: str, line: str) -> dict[str, str]:
 
 
 # Label strings parsed before, kept across pages: a server writes the same label strings on
-# every page (only the values move), so after its first scrape no label is parsed again.
-# Bounded: cleared when full (a server whose labels never repeat costs one parse each).
-_LABELS_SEEN: dict[str, Mapping[str, str]] = {}
+# every page (only the values move), so after its first scrape no label is parsed again, nor
+# its engine key made, nor its `le` read. Bounded: cleared when full (a server whose labels
+# never repeat costs one parse each).
+_LabelEntry = tuple[Mapping[str, str], EngineKey | None, float | None]
+_LABELS_SEEN: dict[str, _LabelEntry] = {}
 _LABELS_SEEN_MAX = 8192
 
 
-def _samples(text: str) -> Iterable[tuple[str, Mapping[str, str], float]]:
-    """(name, labels, value) of each sample line of a wanted family, in page order."""
-    seen = _LABELS_SEEN
-    if len(seen) > _LABELS_SEEN_MAX:
-        seen.clear()
-    for m in _SAMPLE.finditer("\n" + text):
-        name, raw, value_text = m.groups()
-        try:
-            value = float(value_text)
-        except ValueError as e:
-            raise MetricsFormatError(
-                f"not Prometheus text format: bad value in {m.group(0).strip()[:120]!r}"
-            ) from e
-        raw = raw or ""
-        labels = seen.get(raw)
-        if labels is None:
-            labels = seen[raw] = _labels(raw, m.group(0).strip())
-        yield "vllm:" + name, labels, value
+def _label_entry(raw: str, line: str) -> _LabelEntry:
+    """(labels, engine key or None without `model_name`, `le` as a float or None when absent
+    or unreadable: a bucket without a good one raises where it is read, naming its family)."""
+    labels = _labels(raw, line)
+    key = (labels["model_name"], labels.get("engine", "0")) if "model_name" in labels else None
+    le_text = labels.get("le")
+    try:
+        le = None if le_text is None else float(le_text)
+    except ValueError:
+        le = None
+    return labels, key, le
 
 
 def parse_metrics(text: str) -> dict[EngineKey, EngineSample]:
@@ -330,10 +331,28 @@ def parse_metrics(text: str) -> dict[EngineKey, EngineSample]:
         raise MetricsFormatError("not Prometheus text format (binary or HTML)")
     if _ANY_VLLM_SAMPLE.search("\n" + text) is None:
         raise MetricsFormatError("no vllm:* series on the page (is this a vLLM /metrics URL?)")
+    seen = _LABELS_SEEN
+    if len(seen) > _LABELS_SEEN_MAX:
+        seen.clear()
     accs: dict[EngineKey, _Acc] = {}
-    for name, labels, value in _samples(text):
-        if "model_name" not in labels:
+    # One pass over the sample lines of the families palsd reads, in page order.
+    for m in _SAMPLE.finditer("\n" + text):
+        name, raw, value_text = m.groups()
+        try:
+            value = float(value_text)
+        except ValueError as e:
+            raise MetricsFormatError(
+                f"not Prometheus text format: bad value in {m.group(0).strip()[:120]!r}"
+            ) from e
+        raw = raw or ""
+        entry = seen.get(raw)
+        if entry is None:
+            entry = seen[raw] = _label_entry(raw, m.group(0).strip())
+        labels, key, le = entry
+        if key is None:
             continue  # e.g. per-reason series without an engine; not per-engine signals
-        key = (labels["model_name"], labels.get("engine", "0"))
-        _add_sample(accs.setdefault(key, _Acc()), name, labels, value)
+        acc = accs.get(key)
+        if acc is None:
+            acc = accs[key] = _Acc()
+        _add_sample(acc, name, labels, le, value)
     return {key: _freeze(key, acc) for key, acc in sorted(accs.items())}

@@ -316,6 +316,31 @@ def test_a_malformed_line_of_a_read_family_is_rejected_naming_it(line: str, says
 
 
 @pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        ('engine="0",model_name="m"', "without an `le` label"),
+        ('engine="0",le="high",model_name="m"', "bad `le` label 'high'"),
+    ],
+)
+def test_a_bucket_without_a_good_le_is_rejected_every_time(labels: str, says: str) -> None:
+    """Labels are parsed once and kept across pages (with their `le` read): the second page
+    with the same bad bucket is rejected as the first was, naming its family."""
+    page = f"vllm:time_to_first_token_seconds_bucket{{{labels}}} 1\n"
+    for _ in range(2):
+        with pytest.raises(MetricsFormatError, match=says) as err:
+            parse_metrics(page)
+        assert "vllm:time_to_first_token_seconds" in str(err.value)
+
+
+def test_a_page_read_again_reads_the_same() -> None:
+    """The second read of a page takes its labels from the cache: the same samples."""
+    page = v1_page(engines=("0", "1"))
+    first = parse_metrics(page)
+    assert set(first) == {("tiny-moe", "0"), ("tiny-moe", "1")}
+    assert parse_metrics(page) == first
+
+
+@pytest.mark.parametrize(
     "counts",
     [
         (),
