@@ -13,7 +13,7 @@ restore` has what it needs for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -193,50 +193,63 @@ class PowerActuator:
                 else:
                     failed[index] = error
 
-    def restore(self, targets_w: dict[int, float]) -> WriteResult:
+    def restore(
+        self, targets_w: dict[int, float], uuids: Mapping[int, str] | None = None
+    ) -> WriteResult:
         """Put recorded limits back (exit, start-up after a crash, `palsd restore`): read the
         GPUs afresh, clamp, count, lowerings first so a mix never overshoots in between, and a
         limit already in place (within 0.5 W) is not written. Records nothing: these are the
-        originals. A failed write is logged and reported; the rest still go back."""
-        fresh = True
+        originals. A failed write is logged and reported; the rest still go back.
+
+        A target whose recorded UUID (`uuids`, by record index) is on the host goes to that
+        GPU, wherever NVML numbers it now (a GPU that fell off the bus renumbers the ones
+        after it); one whose GPU is not on the host is not written: its index may now be
+        another card, whose limit is not this one. Results are keyed by record index."""
+        present: dict[int, GpuObservation] | None = None
         try:
-            self.know(self._backend.read_all())
-        except GpuError as err:
-            fresh = False  # then write every target: what is in force is not known
+            fresh = self._backend.read_all()
+            self.know(fresh)
+            present = {g.index: g for g in fresh}
+        except GpuError as err:  # then write every target: what is in force is not known
             self._log.warning("gpu_read_failed_before_restore", error=str(err))
+        at_uuid = {g.uuid: i for i, g in (present or {}).items() if g.uuid}
         applied: dict[int, float] = {}
         failed: dict[int, str] = {}
-        plan: list[tuple[int, float]] = []
+        plan: list[tuple[int, int, float]] = []  # (record index, index now, watts)
         for index, watts in targets_w.items():
-            gpu = self._gpus.get(index)
-            if gpu is None and fresh:
-                # A fresh read does not show it (removed, or the host renumbered): writing
-                # that index could hit no GPU or the wrong one. It stays recorded.
-                failed[index] = "no GPU with this index on the host now"
+            uuid = (uuids or {}).get(index, "")
+            at = at_uuid.get(uuid, index) if uuid else index
+            gpu = None if present is None else present.get(at)
+            if present is not None and (gpu is None or (uuid and gpu.uuid != uuid)):
+                # Removed, or the host renumbered: writing this index could hit no GPU or the
+                # wrong one. It stays recorded.
+                failed[index] = (
+                    f"GPU {uuid} is not on the host now" if uuid else "no GPU with this index now"
+                )
                 self._log.error("power_limit_restore_failed", gpu=index, error=failed[index])
                 continue
             if gpu is not None:
-                if fresh and abs(gpu.power_limit_w - watts) <= 0.5:
+                if abs(gpu.power_limit_w - watts) <= 0.5:
                     applied[index] = watts
                     continue
                 watts = clamp_limit_w(watts, gpu)
-            plan.append((index, watts))
+            elif index in self._gpus:  # no fresh read: clamp to what was last known
+                watts = clamp_limit_w(watts, self._gpus[index])
+            plan.append((index, at, watts))
         now = {i: g.power_limit_w for i, g in self._gpus.items()}
-        plan.sort(key=lambda item: item[1] - now.get(item[0], item[1]))
+        plan.sort(key=lambda item: item[2] - now.get(item[1], item[2]))
         self._metrics.limit_writes.inc(len(plan))
-        for index, watts in plan:
+        for index, at, watts in plan:
             try:
-                self._backend.set_power_limit_w(index, watts)
+                self._backend.set_power_limit_w(at, watts)
             except GpuError as err:
                 self._metrics.actuation_errors.labels("power", type(err).__name__).inc()
-                self._log.error(
-                    "power_limit_restore_failed", gpu=index, limit_w=watts, error=str(err)
-                )
+                self._log.error("power_limit_restore_failed", gpu=at, limit_w=watts, error=str(err))
                 failed[index] = str(err)
                 continue
-            if index in self._gpus:
-                self._gpus[index] = replace(self._gpus[index], power_limit_w=watts)
-            self._log.info("power_limit_restored", gpu=index, limit_w=watts)
+            if at in self._gpus:
+                self._gpus[at] = replace(self._gpus[at], power_limit_w=watts)
+            self._log.info("power_limit_restored", gpu=at, limit_w=watts)
             applied[index] = watts
         return WriteResult(applied, failed)
 

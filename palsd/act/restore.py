@@ -32,7 +32,8 @@ async def put_back(
     of what is not back, and a later restore from it puts the same originals back again."""
     chosen = originals if only is None else only
     targets = {i: float(e["limit_w"]) for i, e in originals.gpus.items() if i in chosen.gpus}
-    result = await asyncio.to_thread(actuator.restore, targets)
+    uuids = {i: str(e.get("uuid", "")) for i, e in originals.gpus.items()}
+    result = await asyncio.to_thread(actuator.restore, targets, uuids)
     for index in result.applied:
         originals.gpus.pop(index, None)
     for name, entry in list(originals.servers.items()):

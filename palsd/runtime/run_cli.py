@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -102,9 +103,27 @@ async def reconcile(
         return
     present = {g.index: g.uuid for g in gpus}
     foreign = Originals()
-    for index, entry in previous.gpus.items():
-        if index not in present or entry.get("uuid", "") not in ("", present[index]):
-            foreign.gpus[index] = entry
+    gone: dict[int, dict[str, Any]] = {}
+    for index, entry in list(previous.gpus.items()):
+        uuid = entry.get("uuid", "")
+        if index in present and uuid in ("", present[index]):
+            continue  # this run's GPU: adopted
+        if uuid and uuid not in present.values() and index in present:
+            # Its card is not on the host and another holds its index: that card's limit is
+            # not this one, and the entry would keep this run from recording the new card's
+            # original (which it then could not put back). Nothing to write; dropped.
+            gone[index] = previous.gpus.pop(index)
+        else:
+            foreign.gpus[index] = entry  # back at once (where its card is now), or kept
+    if gone:
+        with contextlib.suppress(OSError):  # else the first save of this run's record drops it
+            store.save(previous)
+        log.warning(
+            "recorded_gpu_not_found",
+            gpus={i: {"uuid": e.get("uuid"), "limit_w": e.get("limit_w")} for i, e in gone.items()},
+            action="dropped from the record: another card holds its index now, and a limit "
+            "does not survive a driver reload (nvmlDeviceSetPowerManagementLimit)",
+        )
     for name, entry in previous.servers.items():
         if name not in ports:
             foreign.servers[name] = entry

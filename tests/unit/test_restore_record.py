@@ -65,3 +65,14 @@ def test_limits_back_but_record_left_is_a_warning_naming_the_file(tmp_path):
     assert _put_back(host, OriginalsStore(tmp_path), again) == {0: 700.0, 1: 700.0}
     assert len(host.writes) == writes
     assert not store.path.exists()
+
+
+def test_a_record_whose_card_is_gone_writes_nothing_to_the_card_now_at_its_index(tmp_path):
+    """`palsd restore` after a card swap: index 1 is now another card (GPU-0009). The old
+    card's original is not this card's, so it is not written; it stays recorded (the restore
+    names it as not back) while GPU 0 goes back."""
+    host, record = _recorded(tmp_path)
+    host.gpus[1] = replace(host.gpus[1], uuid="GPU-0009")
+    assert _put_back(host, OriginalsStore(tmp_path), record) == {0: 700.0}
+    assert host.writes == [(0, 700.0)] and host.gpus[1].power_limit_w == 300.0
+    assert sorted(record.gpus) == [1]
