@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from palsd.act.originals import OriginalsStore
 from palsd.act.power import PowerActuator
 from palsd.act.restore import put_back
@@ -60,14 +58,17 @@ def _restore(cfg: PalsdConfig) -> int:
     backend = make_backend(cfg)
 
     async def restore() -> None:
-        async with httpx.AsyncClient() as client:
-            try:
-                ports: dict[str, Any] = dict(make_batch_ports(cfg, client))
-            except OSError as err:  # e.g. an unreadable admin token: still put the GPUs back
-                log.error("batch_restore_unavailable", error=str(err))
-                ports = {}
+        try:
+            ports: dict[str, Any] = dict(make_batch_ports(cfg))
+        except OSError as err:  # e.g. an unreadable admin token: still put the GPUs back
+            log.error("batch_restore_unavailable", error=str(err))
+            ports = {}
+        try:
             actuator = PowerActuator(backend, store, Metrics(), log, dry_run=False)
             await put_back(originals, store, actuator, ports, log)
+        finally:
+            for port in ports.values():
+                port.close()
 
     try:
         asyncio.run(restore())

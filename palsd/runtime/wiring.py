@@ -68,11 +68,10 @@ def read_secret(path: Path | None) -> str | None:
     return path.read_text().strip()
 
 
-def make_batch_ports(cfg: PalsdConfig, client: object = None) -> dict[str, BatchLimitClient]:
+def make_batch_ports(cfg: PalsdConfig) -> dict[str, BatchLimitClient]:
     """Each server's batch-limit endpoint client, by server name. Reads the token files.
 
-    Each client keeps its own connection (`batch_ports` closes them). `client` is not used:
-    `palsd restore` (act/restore_cli.py) still passes the httpx client these once shared."""
+    Each client keeps its own connection: close them (`batch_ports` does)."""
     return {
         s.name: BatchLimitClient(s.url, read_secret(s.admin_token_file), cfg.scrape.timeout_s)
         for s in cfg.servers
