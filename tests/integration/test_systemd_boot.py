@@ -10,7 +10,9 @@ private tmpfs on /tmp, /var/tmp and /run and masks every systemd-tmpfiles unit (
 so it creates nothing in the machine's controllers beyond that subtree, which is removed after.
 Test files live in a directory created under /var/lib (/tmp is private in the namespace), and a
 canary file in the real /tmp is checked at the end. On a machine that itself runs systemd as PID 1
-the test skips (a second systemd would need a delegated cgroup subtree, not set up here).
+the test skips (a second systemd would need a delegated cgroup subtree, not set up here), and so
+it does when the checkout, its virtualenv or the interpreter lies under /tmp, /var/tmp or /run,
+which the namespace mounts afresh (systemd then fails to start palsd with 203/EXEC).
 
 What the test copy of the unit changes, and why (everything else is the shipped unit):
 - the Exec paths point at this checkout's palsd and the test's config;
@@ -116,17 +118,27 @@ def _unavailable() -> str | None:
         and not Path("/sys/fs/cgroup/cgroup.procs").exists()
     ):
         return "no cgroup hierarchy to give the namespaced systemd a subtree of"
+    for path in _runs_from():
+        if path.parts[:2] in (("/", "tmp"), ("/", "run")) or path.parts[:3] == ("/", "var", "tmp"):
+            return (
+                f"{path} is under /tmp, /var/tmp or /run, which the namespace mounts afresh "
+                "(and the unit's PrivateTmp= hides): run the tests from a checkout elsewhere"
+            )
     return None
+
+
+def _runs_from() -> list[Path]:
+    """What the unit runs from: the interpreter (pyenv), the virtualenv and the checkout that
+    the editable install points at."""
+    return sorted({Path(p).resolve() for p in (sys.base_prefix, sys.prefix, ROOT)})
 
 
 def _drop_in(work: Path) -> str:
     home = ""
-    # What the unit runs from: the interpreter (pyenv), the virtualenv and the checkout that the
-    # editable install points at. Any of them may sit under a home directory (a clone in
-    # /root, say), which ProtectHome=yes would hide: then keep homes hidden behind a tmpfs and
-    # bind only those paths back, read-only.
-    needed = {Path(p).resolve() for p in (sys.base_prefix, sys.prefix, ROOT)}
-    in_homes = sorted(str(p) for p in needed if p.parts[:2] in (("/", "root"), ("/", "home")))
+    # What the unit runs from may sit under a home directory (a clone in /root, say), which
+    # ProtectHome=yes would hide: then keep homes hidden behind a tmpfs and bind only those
+    # paths back, read-only.
+    in_homes = [str(p) for p in _runs_from() if p.parts[:2] in (("/", "root"), ("/", "home"))]
     if in_homes:
         home = f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(in_homes)}\n"
     return f"""[Unit]
