@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -25,6 +25,8 @@ from palsd.vllm_plugin.contract import PATH, ContractError, check_token, parse_l
 from tests.unit.test_vllm_metrics import v1_page
 
 Handler = Callable[[web.Request], Any]
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+STATE_BODY = b'{"max_num_seqs": 8, "limit": 4, "running": 1, "waiting": 0}'
 
 
 async def serve(routes: list[tuple[str, str, Handler]]) -> tuple[web.AppRunner, str]:
@@ -43,6 +45,50 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handle: RawHandler) -> AsyncIterator[str]:
+    """A bare asyncio server calling `handle` for each connection (for what aiohttp will not
+    do, like dropping a request unanswered); yields its URL."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):  # a handler still asleep: do not wait for it
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+class DropsSecondRequest:
+    """What uvicorn does to a connection idle for its keep-alive timeout, made deterministic:
+    each connection answers its first request (200 with `body`, kept alive) and closes on the
+    second without a word. Counts connections, and keeps each answered request's method and
+    body."""
+
+    def __init__(self, body: bytes, content_type: str | None = None) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.connections = 0
+        self.answered: list[tuple[str, bytes]] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        self.answered.append((head.split(b" ", 1)[0].decode(), await reader.readexactly(length)))
+        ctype = f"Content-Type: {self.content_type}\r\n" if self.content_type else ""
+        writer.write(
+            f"HTTP/1.1 200 OK\r\n{ctype}Content-Length: {len(self.body)}\r\n\r\n".encode()
+            + self.body
+        )
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+        writer.close()
 
 
 async def test_scraper_turns_two_pages_into_rates() -> None:
@@ -121,34 +167,15 @@ async def test_scraper_of_an_unreachable_server_is_stale() -> None:
 
 
 async def test_scraper_resends_once_when_the_server_dropped_a_kept_alive_connection() -> None:
-    """What uvicorn does to a connection idle for its keep-alive timeout, made deterministic:
-    each connection answers its first request (keep-alive) and closes on the second without a
-    word. The scrape is repeated on a fresh connection instead of going stale."""
-    body = v1_page().encode()
-    connections = 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await reader.readuntil(b"\r\n\r\n")
-        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        writer.write(head + body)
-        await writer.drain()
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        scraper = VllmScraper(f"http://127.0.0.1:{port}", timeout_s=5.0)
+    """A connection the server closes on its second request (as uvicorn does to an idle one):
+    the scrape is repeated on a fresh connection instead of going stale."""
+    peer = DropsSecondRequest(v1_page().encode())
+    async with raw_server(peer) as url:
+        scraper = VllmScraper(url, timeout_s=5.0)
         assert await scraper.poll(0.0) is not None
         second = await scraper.poll(1.0)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert second is not None, scraper.stale_reason
-    assert (scraper.failures, scraper.reconnects, connections) == (0, 1, 2)
+    assert (scraper.failures, scraper.reconnects, peer.connections) == (0, 1, 2)
 
 
 class ContractServer:
@@ -296,34 +323,13 @@ async def test_batch_client_does_not_retry_a_501() -> None:
 async def test_batch_client_reads_again_when_the_server_dropped_a_kept_alive_connection() -> None:
     """The batch task's GET meets the same idle-connection close as the scraper: the read is
     sent once more on a fresh connection, so a server that is up never shows `unreachable`."""
-    body = b'{"max_num_seqs": 8, "limit": 4, "running": 1, "waiting": 0}'
-    connections = 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await reader.readuntil(b"\r\n\r\n")
-        head = (
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        writer.write(head + body)
-        await writer.drain()
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        batch = BatchLimitClient(f"http://127.0.0.1:{port}", timeout_s=5.0)
+    peer = DropsSecondRequest(STATE_BODY, "application/json")
+    async with raw_server(peer) as url:
+        batch = BatchLimitClient(url, timeout_s=5.0)
         first = await batch.get()
         second = await batch.get()
-    finally:
-        server.close()
-        await server.wait_closed()
     assert first.limit == second.limit == 4
-    assert connections == 2
+    assert peer.connections == 2
 
 
 async def test_batch_client_keeps_one_connection_and_sends_its_token() -> None:
@@ -347,41 +353,19 @@ async def test_batch_client_does_not_resend_a_put_on_a_dropped_connection() -> N
     """A PUT that met a kept-alive connection closed unanswered is not repeated at once (only
     a GET is): that attempt fails (with one attempt, the call), and the next one goes out on a
     fresh connection."""
-    body = b'{"max_num_seqs": 8, "limit": 4, "running": 1, "waiting": 0}'
-    connections, puts = 0, 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections, puts
-        connections += 1
-        head = await reader.readuntil(b"\r\n\r\n")
-        if head.startswith(b"PUT"):
-            puts += 1
-            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-            assert await reader.readexactly(length) == b'{"limit":4}'
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    batch = BatchLimitClient(f"http://127.0.0.1:{port}", timeout_s=5.0, attempts=1)
-    try:
-        await batch.get()
-        with pytest.raises(BatchLimitUnavailable, match="unreachable"):
-            await batch.set(4)
-        assert (connections, puts) == (1, 0)
-        state = await batch.set(4)
-    finally:
-        batch.close()
-        server.close()
-        await server.wait_closed()
-    assert state.limit == 4 and (connections, puts) == (2, 1)
+    peer = DropsSecondRequest(STATE_BODY, "application/json")
+    async with raw_server(peer) as url:
+        batch = BatchLimitClient(url, timeout_s=5.0, attempts=1)
+        try:
+            await batch.get()
+            with pytest.raises(BatchLimitUnavailable, match="unreachable"):
+                await batch.set(4)
+            assert peer.connections == 1 and [m for m, _ in peer.answered] == ["GET"]
+            state = await batch.set(4)
+        finally:
+            batch.close()
+    assert state.limit == 4 and peer.connections == 2
+    assert peer.answered == [("GET", b""), ("PUT", b'{"limit":4}')]
 
 
 async def test_batch_client_times_out_and_names_an_empty_refusal() -> None:
@@ -397,20 +381,16 @@ async def test_batch_client_times_out_and_names_an_empty_refusal() -> None:
         await writer.drain()
 
     for handle in (silent, conflict):
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        batch = BatchLimitClient(url, timeout_s=0.2, attempts=2, backoff_s=0.01)
-        t0 = time.monotonic()
-        try:
-            if handle is silent:
-                with pytest.raises(BatchLimitUnavailable, match=r"timed out after 0\.2 s"):
-                    await batch.set(4)
-                assert time.monotonic() - t0 < 2 * 0.2 + 1.0
-            else:
-                with pytest.raises(BatchLimitRejected, match="HTTP 409: Conflict"):
-                    await batch.get()
-        finally:
-            batch.close()
-            server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
+        async with raw_server(handle) as url:
+            batch = BatchLimitClient(url, timeout_s=0.2, attempts=2, backoff_s=0.01)
+            t0 = time.monotonic()
+            try:
+                if handle is silent:
+                    with pytest.raises(BatchLimitUnavailable, match=r"timed out after 0\.2 s"):
+                        await batch.set(4)
+                    assert time.monotonic() - t0 < 2 * 0.2 + 1.0
+                else:
+                    with pytest.raises(BatchLimitRejected, match="HTTP 409: Conflict"):
+                        await batch.get()
+            finally:
+                batch.close()
